@@ -1,0 +1,34 @@
+# Setup and the two entry points: `make demo` (a real pruning run on the bundled digits data)
+# and `make test` (the whole test suite). Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/digits_demo
+
+.PHONY: demo test install install-test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -n "$(PYTHON)" || { echo 'No python3.11 or python3 on PATH: install Python 3.11 first.'; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(PY) -m train.main --config=configs/digits.py --workdir=$(WORKDIR)
+
+test: install-test
+	$(PY) -m pytest -n 2 tests
+
+bench: install
+	$(PY) bench/surgery.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
