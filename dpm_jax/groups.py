@@ -1,0 +1,876 @@
+"""Coupled channel groups, found by tracing a model's forward pass.
+
+A *channel group* is a set of parameter slices that share one channel index space and must be
+pruned together: a conv kernel's output slice, its bias, the BatchNorm scale, bias and running
+statistics that follow it, every consumer's input slice, and everything tied to them by
+elementwise ops (a residual add ties several producers into one group), concatenation (a group
+is an offset range of the concatenated axis), depthwise convs (input and output channel tied)
+and flattening into a dense layer (a channel is a strided set of rows).
+
+The tracer reads ``jax.make_jaxpr`` of the forward pass in eval mode. Every index of every
+parameter axis gets a label; the rules below say which labels are the same channel (an edge)
+and which can never be pruned (an edge to the *fixed* label: channels that come from the
+model's inputs, reach its outputs, or are mixed by a reduction over the channel axis). The
+connected components of that graph are the channels; groups are the maximal runs of channels
+that every parameter axis holds contiguously and in the same order.
+
+Example:
+
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import dpm_jax
+  >>> class Net(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.conv = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+  ...     self.fc = nnx.Linear(8, 10, rngs=rngs)
+  ...   def __call__(self, x):
+  ...     return self.fc(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))
+  >>> spec = dpm_jax.trace_groups(Net(nnx.Rngs(0)), jnp.zeros((1, 8, 8, 1)))
+  >>> [g.size for g in spec.groups]
+  [8]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+__all__ = [
+    "PRODUCER",
+    "CONSUMER",
+    "STATISTIC",
+    "Member",
+    "Group",
+    "GroupSpec",
+    "UnsupportedPrimitiveError",
+    "trace_groups",
+    "trace_groups_fn",
+    "path_str",
+]
+
+PRODUCER = "producer"
+CONSUMER = "consumer"
+STATISTIC = "statistic"
+
+Path = tuple[str, ...]
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+  """The tracer met an operation whose channel semantics it does not know."""
+
+
+class Member(NamedTuple):
+  """One parameter slice of a group.
+
+  Channel ``c`` of the group owns the indices
+  ``offset + c * channel_stride + r * repeat_stride`` for ``r in range(repeat)`` along
+  ``axis`` of the variable at ``path``. Plain members have ``channel_stride=1, repeat=1``;
+  a dense layer after an NHWC flatten has ``repeat = H * W`` and ``repeat_stride = C``.
+  """
+
+  path: Path
+  axis: int
+  offset: int
+  length: int
+  role: str
+  channel_stride: int = 1
+  repeat: int = 1
+  repeat_stride: int = 0
+
+  def indices(self) -> np.ndarray:
+    """The ``[length, repeat]`` indices along ``axis`` that the group's channels own."""
+    c = np.arange(self.length)[:, None] * self.channel_stride
+    r = np.arange(self.repeat)[None, :] * self.repeat_stride
+    return self.offset + c + r
+
+
+class Group(NamedTuple):
+  """A set of parameter slices pruned together; ``size`` channels."""
+
+  size: int
+  members: tuple[Member, ...]
+
+  @property
+  def name(self) -> str:
+    """A readable name: the first producer's path."""
+    first = next((m for m in self.members if m.role == PRODUCER), self.members[0])
+    return "/".join(first.path)
+
+  def producers(self) -> tuple[Member, ...]:
+    return tuple(m for m in self.members if m.role == PRODUCER)
+
+  def consumers(self) -> tuple[Member, ...]:
+    return tuple(m for m in self.members if m.role == CONSUMER)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """Static, hashable description of all channel groups of a model.
+
+  Attributes:
+    groups: the prunable groups, in the order the forward pass first produces them.
+    shapes: ``(path, shape)`` of every variable the trace saw, so that a spec can be checked
+      against the variables it is applied to.
+  """
+
+  groups: tuple[Group, ...]
+  shapes: tuple[tuple[Path, tuple[int, ...]], ...] = ()
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    return tuple(g.size for g in self.groups)
+
+  @property
+  def num_channels(self) -> int:
+    return sum(self.sizes)
+
+  def shape_of(self, path: Path) -> tuple[int, ...]:
+    return dict(self.shapes)[path]
+
+  def without(self, *paths: Path) -> GroupSpec:
+    """A spec without the groups that touch any of ``paths`` (declares them unprunable)."""
+    drop = {tuple(p) for p in paths}
+    kept = tuple(g for g in self.groups if not any(m.path in drop for m in g.members))
+    return dataclasses.replace(self, groups=kept)
+
+  def with_groups(self, *groups: Group) -> GroupSpec:
+    """A spec with hand-declared ``groups`` added (for ops the tracer cannot read)."""
+    known = dict(self.shapes)
+    for g in groups:
+      for m in g.members:
+        if m.path not in known:
+          raise ValueError(f"Declared group member {'/'.join(m.path)} is not a traced variable.")
+        size = known[m.path][m.axis]
+        if m.indices().max() >= size:
+          raise ValueError(
+              f"Declared member {'/'.join(m.path)} axis {m.axis} reaches index "
+              f"{m.indices().max()} but the axis has {size} entries.")
+    return dataclasses.replace(self, groups=self.groups + tuple(groups))
+
+  def __str__(self) -> str:
+    lines = [f"GroupSpec: {len(self.groups)} groups, {self.num_channels} channels"]
+    lines.append(f"{'#':>4}  {'size':>5}  {'producers':>9}  {'consumers':>9}  name")
+    for i, g in enumerate(self.groups):
+      lines.append(f"{i:>4}  {g.size:>5}  {len(g.producers()):>9}  "
+                   f"{len(g.consumers()):>9}  {g.name}")
+    return "\n".join(lines)
+
+  def describe(self) -> str:
+    """Every member of every group, one per line."""
+    lines = [str(self)]
+    for i, g in enumerate(self.groups):
+      lines.append(f"group {i} ({g.size} channels):")
+      for m in g.members:
+        extra = f" x{m.repeat} stride {m.repeat_stride}" if m.repeat > 1 else ""
+        lines.append(f"  {m.role:<9} {'/'.join(m.path)} axis {m.axis} "
+                     f"[{m.offset}:{m.offset + m.length * m.channel_stride}]{extra}")
+    return "\n".join(lines)
+
+
+def path_str(key_path: Sequence[Any]) -> Path:
+  """A pytree key path as a tuple of strings, e.g. ``('blocks', '0', 'conv1', 'kernel')``."""
+  out = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(str(k.name))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      out.append(str(k.key))
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------
+# The label graph.
+
+_FIXED = 0  # the label of everything that can never be pruned
+Labels = tuple  # per axis: an int array of labels, or None when the axis carries no channels
+
+
+class _Graph:
+  """Labels (ints) and the edges between them; components are computed once at the end."""
+
+  def __init__(self):
+    self.count = 1  # label 0 is _FIXED
+    self._a: list[np.ndarray] = []
+    self._b: list[np.ndarray] = []
+
+  def fresh(self, n: int) -> np.ndarray:
+    out = np.arange(self.count, self.count + n)
+    self.count += n
+    return out
+
+  def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+    if a is b:
+      return
+    self._a.append(np.asarray(a).ravel())
+    self._b.append(np.broadcast_to(b, np.shape(a)).ravel())
+
+  def fix(self, a: np.ndarray | None) -> None:
+    if a is not None:
+      self.tie(a, np.zeros((), int))
+
+  def components(self) -> np.ndarray:
+    """``comp[label]``: the channel (component) of every label; ``comp[0]`` is fixed."""
+    a = np.concatenate(self._a) if self._a else np.zeros(0, int)
+    b = np.concatenate(self._b) if self._b else np.zeros(0, int)
+    m = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(self.count, self.count))
+    _, comp = connected_components(m, directed=False)
+    return comp
+
+
+class _Cost(NamedTuple):
+  """One multiply-accumulate op: ``macs = const * prod(kept entries of each labelled dim)``."""
+
+  name: str
+  primitive: str
+  const: int
+  dims: tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass
+class _Trace:
+  graph: _Graph
+  param_labels: dict[Path, Labels]
+  roles: dict[tuple[Path, int], str]
+  costs: list[_Cost]
+  statistic: Callable[[Path], bool]
+  on_unknown: str = "error"
+  use_order: dict[Path, int] = dataclasses.field(default_factory=dict)
+
+
+# Primitives whose output is an elementwise function of operands of the output's shape
+# (scalars broadcast): channel i of every operand is channel i of the output.
+_ELEMENTWISE = frozenset("""
+    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
+    copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag
+    integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
+    real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
+    tanh xor bitcast_convert_type sharding_constraint mesh_cast reshard
+    """.split())
+
+# Call-like primitives whose body is a jaxpr taking the same operands.
+_CALLS = frozenset(
+    "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
+    "remat remat2 checkpoint custom_lin".split())
+
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax "
+    "argmin".split())
+
+_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+
+
+def _is_labelled(labels: Labels) -> bool:
+  return any(l is not None for l in labels)
+
+
+def _none(aval) -> Labels:
+  return (None,) * len(getattr(aval, "shape", ()))
+
+
+def _elementwise(tr: _Trace, in_labels: list[Labels], out_ndim: int) -> Labels:
+  out: list[np.ndarray | None] = [None] * out_ndim
+  for labels in in_labels:
+    if len(labels) != out_ndim:
+      continue  # a scalar operand
+    for ax, l in enumerate(labels):
+      if l is None:
+        continue
+      if out[ax] is None:
+        out[ax] = l
+      else:
+        tr.graph.tie(out[ax], l)
+  return tuple(out)
+
+
+def _record_role(tr: _Trace, origin, axis: int, role: str) -> None:
+  if origin is None:
+    return
+  path, axis_map = origin
+  param_axis = axis_map[axis]
+  if param_axis is not None and tr.roles.get((path, param_axis)) != CONSUMER:
+    tr.roles[(path, param_axis)] = role
+
+
+def _conv(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
+  lhs, rhs = ins
+  lhs_aval, rhs_aval = (v.aval for v in eqn.invars)
+  out_aval = eqn.outvars[0].aval
+  dn = eqn.params["dimension_numbers"]
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  groups = eqn.params["feature_group_count"]
+  if eqn.params["batch_group_count"] != 1:
+    raise UnsupportedPrimitiveError("conv_general_dilated with batch_group_count > 1")
+  cin = lhs_aval.shape[lhs_spec[1]]
+  cout = rhs_aval.shape[rhs_spec[0]]
+  x_ch, k_in, k_out = lhs[lhs_spec[1]], rhs[rhs_spec[1]], rhs[rhs_spec[0]]
+  for ax in rhs_spec[2:]:
+    tr.graph.fix(rhs[ax])  # kernel spatial axes are not channels
+  for ax in lhs_spec[2:]:
+    tr.graph.fix(lhs[ax])
+  if k_out is None:
+    k_out = tr.graph.fresh(cout)
+  if groups == 1:
+    if x_ch is not None and k_in is not None:
+      tr.graph.tie(x_ch, k_in)
+    elif x_ch is not None:
+      tr.graph.fix(x_ch)
+  elif groups == cin:
+    # Depthwise: output channel j reads input channel j // multiplier.
+    tr.graph.fix(k_in)
+    if x_ch is not None:
+      tr.graph.tie(np.repeat(x_ch, cout // cin), k_out)
+  else:
+    # Grouped convs tie channels across groups; our reading keeps them whole (unprunable).
+    for l in (x_ch, k_in, k_out):
+      tr.graph.fix(l)
+  _record_role(tr, origins[1], rhs_spec[1], CONSUMER)
+  _record_role(tr, origins[1], rhs_spec[0], PRODUCER)
+  out: list[Any] = [None] * len(out_aval.shape)
+  out[out_spec[0]] = lhs[lhs_spec[0]]
+  out[out_spec[1]] = k_out
+  const = lhs_aval.shape[lhs_spec[0]] * int(np.prod([out_aval.shape[a] for a in out_spec[2:]]))
+  const *= int(np.prod([rhs_aval.shape[a] for a in rhs_spec[2:]]))
+  dims = tuple(l if l is not None else np.full(n, _FIXED)
+               for l, n in ((k_in, rhs_aval.shape[rhs_spec[1]]), (k_out, cout)))
+  tr.costs.append(_Cost(_origin_name(origins[1], eqn), "conv", const, dims))
+  return tuple(out)
+
+
+def _dot_general(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
+  lhs, rhs = ins
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lshape, rshape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  for a, b in zip(tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)):
+    if lhs[a] is not None and rhs[b] is not None:
+      tr.graph.tie(lhs[a], rhs[b])
+  lfree = [a for a in range(len(lshape)) if a not in lc and a not in lb]
+  rfree = [b for b in range(len(rshape)) if b not in rc and b not in rb]
+  for origin, contract, free in ((origins[0], lc, lfree), (origins[1], rc, rfree)):
+    for a in contract:
+      _record_role(tr, origin, a, CONSUMER)
+    for a in free:
+      _record_role(tr, origin, a, PRODUCER)
+
+  def pick(a, b=None):
+    return lhs[a] if lhs[a] is not None else (rhs[b] if b is not None else None)
+
+  out = [pick(a, b) for a, b in zip(lb, rb)] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]
+  const, dims = 1, []
+  sized = ([(pick(a, b), lshape[a]) for a, b in zip(lb, rb)]
+           + [(pick(a, b), lshape[a]) for a, b in zip(lc, rc)]
+           + [(lhs[a], lshape[a]) for a in lfree] + [(rhs[b], rshape[b]) for b in rfree])
+  for labels, n in sized:
+    if labels is None:
+      const *= n
+    else:
+      dims.append(labels)
+  name = _origin_name(origins[1] or origins[0], eqn)
+  tr.costs.append(_Cost(name, "dot_general", const, tuple(dims)))
+  return tuple(out)
+
+
+def _origin_name(origin, eqn) -> str:
+  if origin is not None:
+    return "/".join(origin[0])
+  return eqn.primitive.name
+
+
+def _broadcast_in_dim(tr, eqn, ins, origins) -> Labels:
+  (x,) = ins[:1]
+  in_shape = eqn.invars[0].aval.shape
+  out_shape = eqn.params["shape"]
+  out: list[Any] = [None] * len(out_shape)
+  for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+    if in_shape[i] == out_shape[d]:
+      out[d] = x[i]
+  return tuple(out)
+
+
+def _reshape_blocks(in_shape, out_shape):
+  """Pairs (in_axes, out_axes) of contiguous axis blocks with equal sizes; size-1 axes aside."""
+  ins = [a for a, n in enumerate(in_shape) if n != 1]
+  outs = [a for a, n in enumerate(out_shape) if n != 1]
+  blocks, i, j = [], 0, 0
+  while i < len(ins) and j < len(outs):
+    bi, bo = [ins[i]], [outs[j]]
+    pi, po = in_shape[ins[i]], out_shape[outs[j]]
+    i, j = i + 1, j + 1
+    while pi != po:
+      if pi < po:
+        bi.append(ins[i])
+        pi *= in_shape[ins[i]]
+        i += 1
+      else:
+        bo.append(outs[j])
+        po *= out_shape[outs[j]]
+        j += 1
+    blocks.append((bi, bo))
+  return blocks
+
+
+def _reshape(tr, eqn, ins, origins) -> Labels:
+  (x,) = ins[:1]
+  if eqn.params.get("dimensions") is not None:
+    raise UnsupportedPrimitiveError("reshape with dimensions")
+  in_shape = eqn.invars[0].aval.shape
+  out_shape = eqn.outvars[0].aval.shape
+  out: list[Any] = [None] * len(out_shape)
+  for bi, bo in _reshape_blocks(in_shape, out_shape):
+    labelled = [a for a in bi if x[a] is not None]
+    if not labelled:
+      continue
+    if len(bi) == 1 and len(bo) == 1:
+      out[bo[0]] = x[bi[0]]
+    elif len(bo) == 1 and len(labelled) == 1:
+      # A flatten: every index of the merged axis carries its one labelled axis' label.
+      grid = np.zeros([in_shape[a] for a in bi], int)
+      k = bi.index(labelled[0])
+      shape = [1] * len(bi)
+      shape[k] = in_shape[labelled[0]]
+      out[bo[0]] = (grid + x[labelled[0]].reshape(shape)).ravel()
+    else:
+      # Splitting a channel axis, or merging two labelled axes: keep these channels whole.
+      for a in labelled:
+        tr.graph.fix(x[a])
+  return tuple(out)
+
+
+def _transpose(tr, eqn, ins, origins) -> Labels:
+  return tuple(ins[0][p] for p in eqn.params["permutation"])
+
+
+def _squeeze(tr, eqn, ins, origins) -> Labels:
+  dims = {d % len(ins[0]) for d in eqn.params["dimensions"]}
+  return tuple(l for a, l in enumerate(ins[0]) if a not in dims)
+
+
+def _rev(tr, eqn, ins, origins) -> Labels:
+  return tuple(l[::-1] if (l is not None and a in eqn.params["dimensions"]) else l
+               for a, l in enumerate(ins[0]))
+
+
+def _reduction(tr, eqn, ins, origins) -> Labels:
+  axes = set(eqn.params["axes"])
+  for a in axes:
+    tr.graph.fix(ins[0][a])  # a reduction over channels mixes them: keep them whole
+  return tuple(l for a, l in enumerate(ins[0]) if a not in axes)
+
+
+def _cumulative(tr, eqn, ins, origins) -> Labels:
+  tr.graph.fix(ins[0][eqn.params["axis"]])
+  return ins[0]
+
+
+def _reduce_window(tr, eqn, ins, origins) -> Labels:
+  p = eqn.params
+  n = len(p["window_dimensions"])
+  out: list[Any] = []
+  for a in range(n):
+    identity = (p["window_dimensions"][a] == 1 and p["window_strides"][a] == 1
+                and tuple(p["padding"][a]) == (0, 0) and p["base_dilation"][a] == 1)
+    labels = ins[0][a]
+    if identity:
+      out.append(labels)
+    else:
+      tr.graph.fix(labels)
+      out.append(None)
+  return tuple(out)
+
+
+def _concatenate(tr, eqn, ins, origins) -> Labels:
+  d = eqn.params["dimension"]
+  out = list(_elementwise(tr, [tuple(None if a == d else l for a, l in enumerate(x))
+                               for x in ins], len(ins[0])))
+  parts = []
+  for x, v in zip(ins, eqn.invars):
+    parts.append(x[d] if x[d] is not None else np.full(v.aval.shape[d], _FIXED))
+  out[d] = np.concatenate(parts)
+  return tuple(out)
+
+
+def _pad(tr, eqn, ins, origins) -> Labels:
+  out = []
+  for labels, (lo, hi, interior) in zip(ins[0], eqn.params["padding_config"]):
+    if labels is None or (lo, hi, interior) == (0, 0, 0):
+      out.append(labels)
+    elif interior == 0 and lo >= 0 and hi >= 0:
+      out.append(np.concatenate([np.full(lo, _FIXED), labels, np.full(hi, _FIXED)]))
+    else:
+      tr.graph.fix(labels)
+      out.append(None)
+  return tuple(out)
+
+
+def _slice(tr, eqn, ins, origins) -> Labels:
+  p = eqn.params
+  strides = p["strides"] or (1,) * len(ins[0])
+  return tuple(l if l is None else l[s:e:st] for l, s, e, st in
+               zip(ins[0], p["start_indices"], p["limit_indices"], strides))
+
+
+def _split(tr, eqn, ins, origins) -> list[Labels]:
+  axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+  outs, start = [], 0
+  for n in sizes:
+    n = int(n)
+    outs.append(tuple(l if (l is None or a != axis) else l[start:start + n]
+                      for a, l in enumerate(ins[0])))
+    start += n
+  return outs
+
+
+def _dynamic_slice(tr, eqn, ins, origins) -> Labels:
+  shape = eqn.invars[0].aval.shape
+  out = []
+  for a, (l, n) in enumerate(zip(ins[0], eqn.params["slice_sizes"])):
+    if l is not None and n != shape[a]:
+      tr.graph.fix(l)
+      l = None
+    out.append(l)
+  return tuple(out)
+
+
+_RULES: dict[str, Callable[..., Any]] = {
+    "conv_general_dilated": _conv,
+    "dot_general": _dot_general,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "squeeze": _squeeze,
+    "rev": _rev,
+    "reduce_window_sum": _reduce_window,
+    "reduce_window_max": _reduce_window,
+    "reduce_window_min": _reduce_window,
+    "reduce_window": _reduce_window,
+    "concatenate": _concatenate,
+    "pad": _pad,
+    "slice": _slice,
+    "split": _split,
+    "dynamic_slice": _dynamic_slice,
+    "optimization_barrier": lambda tr, eqn, ins, origins: list(ins),
+}
+_RULES.update({name: _reduction for name in _REDUCTIONS})
+_RULES.update({name: _cumulative for name in _CUMULATIVE})
+
+# Ops through which a parameter keeps its identity, so a conv or dense layer downstream still
+# knows which parameter axis it contracts (for member roles).
+_ORIGIN_KEEPING = frozenset("convert_element_type copy copy_p reduce_precision".split())
+
+
+def _sub_jaxpr(eqn):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    sub = eqn.params.get(key)
+    if sub is None:
+      continue
+    if isinstance(sub, jcore.ClosedJaxpr):
+      return sub.jaxpr, sub.consts
+    if isinstance(sub, jcore.Jaxpr):
+      return sub, ()
+  return None
+
+
+def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
+               rules: Mapping[str, Callable[..., Any]], param_vars: Mapping[Any, Path]):
+  env: dict[Any, Labels] = {}
+  origin: dict[Any, Any] = {}
+  for v, labels, o in zip(jaxpr.invars, in_labels, in_origins):
+    env[v] = labels
+    if o is not None:
+      origin[v] = o
+  for v in jaxpr.constvars:
+    env[v] = _none(v.aval)
+
+  def read(v) -> Labels:
+    if isinstance(v, jcore.Literal):
+      return _none(v.aval)
+    return env[v]
+
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    origins = [None if isinstance(v, jcore.Literal) else origin.get(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    for o in origins:
+      if o is not None:
+        tr.use_order.setdefault(o[0], len(tr.use_order))
+    if not any(_is_labelled(l) for l in ins):
+      outs = [_none(v.aval) for v in eqn.outvars]
+    elif name in rules:
+      res = rules[name](tr, eqn, ins, origins)
+      outs = res if isinstance(res, list) else [res]
+    elif name in _ELEMENTWISE:
+      res = _elementwise(tr, ins, len(eqn.outvars[0].aval.shape))
+      outs = [res] * len(eqn.outvars)
+      if name in _ORIGIN_KEEPING and origins[0] is not None:
+        origin[eqn.outvars[0]] = origins[0]
+    elif name in _CALLS and _sub_jaxpr(eqn) is not None:
+      sub, consts = _sub_jaxpr(eqn)
+      outs, sub_origins = _propagate(tr, sub, ins, origins, rules, param_vars)
+      for v, o in zip(eqn.outvars, sub_origins):
+        if o is not None:
+          origin[v] = o
+    elif tr.on_unknown == "freeze":
+      outs = _freeze_rule(tr, eqn, ins, origins)
+      outs = outs if isinstance(outs, list) else [outs]
+    else:
+      involved = sorted({"/".join(p) for v, p in param_vars.items()} &
+                        {"/".join(o[0]) for o in origins if o is not None})
+      raise UnsupportedPrimitiveError(
+          f"Cannot trace channel groups through primitive '{name}' "
+          f"(operand shapes {[tuple(getattr(v.aval, 'shape', ())) for v in eqn.invars]}"
+          + (f", parameters {involved}" if involved else "") + "). "
+          "Pass rules={'" + name + "': rule} to trace_groups to teach the tracer, "
+          "on_unknown='freeze' to keep every channel that reaches it unprunable, "
+          "or declare groups by hand with GroupSpec.with_groups.")
+    for v, labels in zip(eqn.outvars, outs):
+      env[v] = tuple(labels)
+    if name in ("transpose",) and origins[0] is not None:
+      path, amap = origins[0]
+      origin[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
+  return ([read(v) for v in jaxpr.outvars],
+          [None if isinstance(v, jcore.Literal) else origin.get(v) for v in jaxpr.outvars])
+
+
+def _freeze_rule(tr, eqn, ins, origins):
+  for labels in ins:
+    for l in labels:
+      tr.graph.fix(l)
+  outs = [_none(v.aval) for v in eqn.outvars]
+  return outs if len(outs) > 1 else outs[0]
+
+
+# ----------------------------------------------------------------------------------------
+# From labels to groups.
+
+
+def _compress(seq: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+  """Finds the tiled (NHWC flatten) or repeated (NCHW / depthwise multiplier) pattern.
+
+  Returns ``(base, channel_stride, repeat, repeat_stride)`` with ``seq[idx] == base`` for
+  ``idx = arange(len(base)) * channel_stride + r * repeat_stride``.
+  """
+  n = len(seq)
+  for p in range(1, n):
+    if n % p == 0 and np.array_equal(seq, np.tile(seq[:p], n // p)):
+      return seq[:p], 1, n // p, p
+  for k in range(n, 1, -1):
+    if n % k == 0 and np.all(seq.reshape(-1, k) == seq[::k, None]):
+      return seq[::k], k, k, 1
+  return seq, 1, 1, 0
+
+
+def _build_spec(tr: _Trace, comp: np.ndarray, shapes: dict[Path, tuple[int, ...]]):
+  fixed = comp[_FIXED]
+  # Every parameter axis that holds prunable channels is a sequence of components.
+  seqs = []  # (path, axis, base, channel_stride, repeat, repeat_stride)
+  for path, labels in tr.param_labels.items():
+    for axis, l in enumerate(labels):
+      if l is None:
+        continue
+      roots = comp[l]
+      if np.all(roots == fixed):
+        continue
+      base, cs, rep, rs = _compress(roots)
+      seqs.append((path, axis, base, cs, rep, rs))
+  # A channel that sits twice in one sequence cannot be sliced consistently: keep it whole.
+  bad = set()
+  for _, _, base, *_ in seqs:
+    vals, counts = np.unique(base[base != fixed], return_counts=True)
+    bad.update(vals[counts > 1].tolist())
+  end, start = -1, -2
+  nxt: dict[int, set[int]] = {}
+  prv: dict[int, set[int]] = {}
+  for si, (_, _, base, *_) in enumerate(seqs):
+    for pos, c in enumerate(base.tolist()):
+      if c == fixed or c in bad:
+        continue
+      after = base[pos + 1] if pos + 1 < len(base) else end
+      before = base[pos - 1] if pos > 0 else start
+      nxt.setdefault(c, set()).add(int(after))
+      prv.setdefault(c, set()).add(int(before))
+  link = {}
+  for c, after in nxt.items():
+    if len(after) == 1:
+      (b,) = after
+      if b >= 0 and b != fixed and b not in bad and prv.get(b) == {c}:
+        link[c] = b
+  linked = set(link.values())
+  heads = [c for c in nxt if c not in linked]
+  chains = []
+  for h in heads:
+    chain, c = [h], h
+    while c in link and len(chain) <= len(nxt):
+      c = link[c]
+      chain.append(c)
+    chains.append(chain)
+  groups = []
+  for gi, chain in enumerate(chains):
+    members = []
+    for path, axis, base, cs, rep, rs in seqs:
+      hits = np.nonzero(base == chain[0])[0]
+      if len(hits) == 0:
+        continue
+      pos = int(hits[0])
+      role = STATISTIC if tr.statistic(path) else tr.roles.get((path, axis), PRODUCER)
+      members.append(Member(path, axis, pos * cs, len(chain), role, cs, rep, rs))
+    members.sort(key=lambda m: (tr.use_order.get(m.path, len(tr.use_order)), m.path, m.axis))
+    if any(m.role == PRODUCER for m in members):
+      groups.append(Group(len(chain), tuple(members)))
+  # Forward order: a group comes where its first producer is first used.
+  order = lambda g: min(tr.use_order.get(m.path, len(tr.use_order)) for m in g.producers())
+  groups.sort(key=order)
+  return GroupSpec(tuple(groups), tuple(sorted(shapes.items())))
+
+
+def _labels_for(graph: _Graph, shape, fixed: bool) -> Labels:
+  if fixed:
+    return tuple(np.full(n, _FIXED) for n in shape)
+  return tuple(graph.fresh(n) for n in shape)
+
+
+def _trace(apply_fn, variables, inputs, *, is_statistic, rules=None, on_unknown="error"):
+  if on_unknown not in ("error", "freeze"):
+    raise ValueError(f"on_unknown must be 'error' or 'freeze', got {on_unknown!r}.")
+  flat, _ = jax.tree_util.tree_flatten_with_path(variables)
+  paths = [path_str(k) for k, _ in flat]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
+  abstract_inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), inputs)
+  closed = jax.make_jaxpr(apply_fn)(abstract, *abstract_inputs)
+  jaxpr = closed.jaxpr
+  graph = _Graph()
+  all_rules = {**_RULES, **(rules or {})}
+  tr = _Trace(graph, {}, {}, [], is_statistic, on_unknown)
+  n_vars = len(paths)
+  in_labels, in_origins = [], []
+  used = _used_vars(jaxpr)
+  for i, v in enumerate(jaxpr.invars):
+    shape = v.aval.shape
+    if i < n_vars:
+      labels = _labels_for(graph, shape, fixed=False)
+      if v in used:
+        tr.param_labels[paths[i]] = labels
+      in_origins.append((paths[i], tuple(range(len(shape)))))
+    else:
+      labels = _labels_for(graph, shape, fixed=True)
+      in_origins.append(None)
+    in_labels.append(labels)
+  param_vars = {v: paths[i] for i, v in enumerate(jaxpr.invars[:n_vars])}
+  outs, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules, param_vars)
+  for labels in outs:
+    for l in labels:
+      graph.fix(l)  # channels that reach the outputs are not prunable
+  shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
+  comp = graph.components()
+  spec = _build_spec(tr, comp, shapes)
+  return spec, tr, comp
+
+
+def _used_vars(jaxpr) -> set:
+  used = set()
+  for eqn in jaxpr.eqns:
+    used.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+  used.update(v for v in jaxpr.outvars if not isinstance(v, jcore.Literal))
+  return used
+
+
+def _default_is_statistic(path: Path) -> bool:
+  return any(p in ("batch_stats", "mean", "var") for p in path)
+
+
+def trace_groups_fn(apply_fn: Callable[..., Any], variables: Any, *example_inputs: Any,
+                    is_statistic: Callable[[Path], bool] = _default_is_statistic,
+                    rules: Mapping[str, Callable[..., Any]] | None = None,
+                    on_unknown: str = "error") -> GroupSpec:
+  """Finds the coupled channel groups of ``apply_fn(variables, *example_inputs)``.
+
+  Works for any pure function: a Linen module's ``apply``, a plain function, or an NNX module
+  through ``nnx.merge``. The function should run in eval mode (BatchNorm from running
+  statistics) so that the statistics are coupled to their channels.
+
+  Args:
+    apply_fn: ``apply_fn(variables, *inputs) -> outputs``.
+    variables: the variables pytree (arrays or ``jax.ShapeDtypeStruct``); member paths are its
+      key paths as strings.
+    *example_inputs: example inputs; only shapes and dtypes are used.
+    is_statistic: which variable paths hold statistics (BatchNorm mean/var): they are sliced
+      with their channel but are neither producers nor consumers.
+    rules: extra or overriding rules, ``{primitive_name: rule(trace, eqn, in_labels, origins)}``.
+    on_unknown: ``'error'`` (default) raises on a primitive the tracer does not know;
+      ``'freeze'`` keeps every channel that reaches it unprunable.
+
+  Returns:
+    The model's ``GroupSpec``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> def mlp(v, x):
+    ...   h = jax.nn.relu(x @ v['w1'] + v['b1'])
+    ...   return h @ v['w2']
+    >>> v = {'w1': jnp.zeros((4, 16)), 'b1': jnp.zeros(16), 'w2': jnp.zeros((16, 3))}
+    >>> spec = trace_groups_fn(mlp, v, jnp.zeros((2, 4)))
+    >>> [(m.path, m.axis, m.role) for m in spec.groups[0].members]
+    [(('b1',), 0, 'producer'), (('w1',), 1, 'producer'), (('w2',), 0, 'consumer')]
+  """
+  spec, *_ = _trace(apply_fn, variables, example_inputs, is_statistic=is_statistic,
+                    rules=rules, on_unknown=on_unknown)
+  return spec
+
+
+def nnx_apply(model) -> tuple[Callable[..., Any], Any, Callable[[Path], bool]]:
+  """``(apply_fn, variables, is_statistic)`` for an NNX module, in eval mode.
+
+  ``variables`` is the module's full state as a pure dict (paths are module attribute paths),
+  and ``apply_fn(variables, *inputs)`` merges it into an eval-mode copy of the module. The
+  input module is not changed.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, state = nnx.split(model)
+  eval_model = nnx.merge(graphdef, state)
+  eval_model.eval()
+  eval_graphdef, eval_state = nnx.split(eval_model)
+  variables = eval_state.to_pure_dict()
+  stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+  stat_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(stats)[0]}
+
+  def apply_fn(pure, *inputs):
+    st = jax.tree.map(lambda x: x, eval_state)  # a copy: replace_by_pure_dict writes in place
+    nnx.replace_by_pure_dict(st, pure)
+    return nnx.merge(eval_graphdef, st)(*inputs)
+
+  return apply_fn, variables, stat_paths.__contains__
+
+
+def trace_groups(model, *example_inputs: Any,
+                 rules: Mapping[str, Callable[..., Any]] | None = None,
+                 on_unknown: str = "error") -> GroupSpec:
+  """Finds the coupled channel groups of an NNX module (traced in eval mode).
+
+  Member paths are the module's attribute paths, e.g. ``('blocks', '0', 'conv1', 'kernel')``,
+  as in ``nnx.state(model).to_pure_dict()``; ``nnx.BatchStat`` variables are statistics.
+  See ``trace_groups_fn`` for the arguments.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from dpm_jax import models
+    >>> m = models.create_model('resnet20', num_classes=10, rngs=nnx.Rngs(0))
+    >>> spec = trace_groups(m, jnp.zeros((1, 32, 32, 3)))
+    >>> len(spec.groups)  # 3 residual streams + 9 inner convs
+    12
+  """
+  apply_fn, variables, is_statistic = nnx_apply(model)
+  return trace_groups_fn(apply_fn, variables, *example_inputs, is_statistic=is_statistic,
+                         rules=rules, on_unknown=on_unknown)

@@ -1,0 +1,264 @@
+"""Parameter surgery: physically remove pruned channels.
+
+Given a ``GroupSpec`` and one boolean keep mask per group, slice every variable that a group
+touches (params, BatchNorm statistics, every params-shaped tree inside an optimizer state) and
+rebuild NNX modules with consistent feature counts. Surgery is exact when the removed channels'
+producer slices are zero (see ``zero_channels``): the smaller network computes the same outputs
+as the masked one.
+
+Example:
+
+  >>> import jax.numpy as jnp, numpy as np
+  >>> from flax import nnx
+  >>> import dpm_jax
+  >>> model = dpm_jax.models.create_model('digits_cnn', num_classes=10, rngs=nnx.Rngs(0))
+  >>> x = jnp.zeros((1, 8, 8, 1))
+  >>> spec = dpm_jax.trace_groups(model, x)
+  >>> keep = [np.arange(g.size) % 2 == 0 for g in spec.groups]   # keep every other channel
+  >>> small = dpm_jax.remove_channels(model, spec, keep)
+  >>> small.arch()['conv_widths'] == [g.size // 2 for g in spec.groups[:2]]
+  True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
+
+__all__ = [
+    "check_keep",
+    "kept_indices",
+    "zero_channels",
+    "remove_channels_fn",
+    "remove_channels_opt_state",
+    "remove_channels",
+    "register_module_resizer",
+]
+
+
+def check_keep(spec: GroupSpec, keep: Sequence[Any]) -> list[np.ndarray]:
+  """Validates keep masks against ``spec``; returns them as numpy bool arrays.
+
+  Raises:
+    ValueError: wrong number of masks, a mask of the wrong length, or one that keeps no
+      channel of its group (that would empty a layer).
+  """
+  if len(keep) != len(spec.groups):
+    raise ValueError(f"Expected {len(spec.groups)} keep masks (one per group of the spec), "
+                     f"got {len(keep)}.")
+  out = []
+  for i, (g, k) in enumerate(zip(spec.groups, keep)):
+    k = np.asarray(k)
+    if k.shape != (g.size,):
+      raise ValueError(f"Keep mask {i} (group {g.name}) has shape {k.shape}; the group has "
+                       f"{g.size} channels, so it must have shape ({g.size},).")
+    k = k.astype(bool)
+    if not k.any():
+      raise ValueError(f"Keep mask {i} (group {g.name}) keeps no channel: that would empty "
+                       "the layer. Keep at least one channel per group.")
+    out.append(k)
+  return out
+
+
+def kept_indices(spec: GroupSpec, keep: Sequence[Any]) -> dict[tuple[Path, int], np.ndarray]:
+  """For every sliced ``(path, axis)``, the sorted indices that survive surgery."""
+  keep = check_keep(spec, keep)
+  masks: dict[tuple[Path, int], np.ndarray] = {}
+  for g, k in zip(spec.groups, keep):
+    if k.all():
+      continue
+    for m in g.members:
+      key = (m.path, m.axis)
+      if key not in masks:
+        masks[key] = np.ones(spec.shape_of(m.path)[m.axis], bool)
+      masks[key][m.indices()[~k].ravel()] = False
+  return {key: np.nonzero(mask)[0] for key, mask in masks.items()}
+
+
+def _take(x, indices: dict[int, np.ndarray]):
+  for axis, idx in indices.items():
+    x = np.take(x, idx, axis) if isinstance(x, np.ndarray) else jnp.take(x, idx, axis)
+  return x
+
+
+def _check_shape(path: Path, x, spec_shapes: dict) -> None:
+  want = spec_shapes.get(path)
+  if want is not None and tuple(np.shape(x)) != tuple(want):
+    raise ValueError(f"Variable {'/'.join(path)} has shape {tuple(np.shape(x))} but the spec "
+                     f"was traced with shape {tuple(want)}: the spec does not match these "
+                     "variables. Trace the spec from this model.")
+
+
+def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
+                       prefix: Path = ()) -> Any:
+  """Slices the removed channels out of a variables pytree (pure; Linen or NNX pure dicts).
+
+  Args:
+    variables: a pytree whose leaves' key paths, after ``prefix``, are the spec's paths; it may
+      hold any subset of them (params only, batch statistics only, or everything).
+    spec: the ``GroupSpec`` traced from the model.
+    keep: one boolean mask per group, ``True`` for channels that stay.
+    prefix: prepended to each leaf path before it is looked up in the spec (e.g.
+      ``('params',)`` for a params-only tree of a Linen model traced with all collections).
+
+  Returns:
+    The same tree structure with smaller leaves.
+  """
+  indices = kept_indices(spec, keep)
+  by_path: dict[Path, dict[int, np.ndarray]] = {}
+  for (path, axis), idx in indices.items():
+    by_path.setdefault(path, {})[axis] = idx
+  shapes = dict(spec.shapes)
+
+  def slice_leaf(key_path, x):
+    path = tuple(prefix) + path_str(key_path)
+    _check_shape(path, x, shapes)
+    return _take(x, by_path[path]) if path in by_path else x
+
+  return jax.tree_util.tree_map_with_path(slice_leaf, variables)
+
+
+def remove_channels_opt_state(opt_state: Any, spec: GroupSpec, keep: Sequence[Any], *,
+                              prefix: Path = ()) -> Any:
+  """Slices every params-shaped tree inside an optax state (momentum, Adam moments, ...).
+
+  A leaf is sliced when its key path *ends with* a spec path (after ``prefix`` is removed
+  from the spec path) and its shape is the traced shape, so it works whatever the nesting
+  (``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers). Other leaves (counts,
+  hyperparameters) are left as they are.
+
+  Example:
+    >>> import optax
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> # opt_state = remove_channels_opt_state(tx.init(params), spec, keep)
+  """
+  indices = kept_indices(spec, keep)
+  shapes = dict(spec.shapes)
+  n = len(prefix)
+  by_suffix: dict[Path, dict[int, np.ndarray]] = {}
+  for (path, axis), idx in indices.items():
+    if tuple(path[:n]) == tuple(prefix):
+      by_suffix.setdefault(path[n:], {})[axis] = idx
+
+  def slice_leaf(key_path, x):
+    path = path_str(key_path)
+    for k in range(len(path)):
+      suffix = path[k:]
+      if suffix in by_suffix and tuple(np.shape(x)) == tuple(shapes[tuple(prefix) + suffix]):
+        return _take(x, by_suffix[suffix])
+    return x
+
+  return jax.tree_util.tree_map_with_path(slice_leaf, opt_state)
+
+
+def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
+                  prefix: Path = ()) -> Any:
+  """Sets the producer slices of removed channels to zero (the "masked" network).
+
+  Statistics and consumer slices are left alone: with its producers at zero a removed channel
+  outputs zero, so the consumers' slices no longer matter and surgery is exact.
+  """
+  keep = check_keep(spec, keep)
+  zero: dict[Path, list[tuple[int, np.ndarray]]] = {}
+  for g, k in zip(spec.groups, keep):
+    if k.all():
+      continue
+    for m in g.members:
+      if m.role == PRODUCER:
+        zero.setdefault(m.path, []).append((m.axis, m.indices()[~k].ravel()))
+
+  def zero_leaf(key_path, x):
+    path = tuple(prefix) + path_str(key_path)
+    for axis, idx in zero.get(path, ()):
+      mask = np.ones(np.shape(x)[axis], bool)
+      mask[idx] = False
+      shape = [1] * np.ndim(x)
+      shape[axis] = -1
+      x = x * mask.reshape(shape).astype(x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(zero_leaf, variables)
+
+
+# ----------------------------------------------------------------------------------------
+# NNX modules.
+
+_RESIZERS: dict[type, Callable[[Any], None]] = {}
+
+
+def register_module_resizer(cls: type, resize: Callable[[Any], None]) -> None:
+  """Teaches ``remove_channels`` how to update ``cls``'s feature counts from its arrays."""
+  _RESIZERS[cls] = resize
+
+
+def _resize_conv(conv) -> None:
+  kernel = conv.kernel[...]
+  old_in, old_out = conv.in_features, conv.out_features
+  new_out = kernel.shape[-1]
+  if conv.feature_group_count == old_in and old_in > 1:  # depthwise: one group per channel
+    new_in = new_out * old_in // old_out
+    conv.feature_group_count = new_in
+  else:
+    new_in = kernel.shape[-2] * conv.feature_group_count
+  conv.in_features, conv.out_features = new_in, new_out
+  conv.kernel_shape = tuple(kernel.shape)
+
+
+def _resize_linear(linear) -> None:
+  linear.in_features, linear.out_features = linear.kernel[...].shape
+
+
+def _resize_norm(norm) -> None:
+  for name in ("scale", "bias", "mean", "var"):
+    v = getattr(norm, name, None)
+    if v is not None and hasattr(v, "shape"):
+      norm.num_features = v.shape[-1]
+      return
+
+
+def _default_resizers() -> dict[type, Callable[[Any], None]]:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return {nnx.Conv: _resize_conv, nnx.Linear: _resize_linear, nnx.BatchNorm: _resize_norm,
+          nnx.LayerNorm: _resize_norm, nnx.RMSNorm: _resize_norm}
+
+
+def remove_channels(model, spec: GroupSpec, keep: Sequence[Any]):
+  """A new, smaller NNX module without the removed channels (the input is not changed).
+
+  Every array a group touches is sliced and every layer's feature counts (``in_features``,
+  ``out_features``, ``kernel_shape``, ``feature_group_count``, ``num_features``) are updated, so
+  a zoo model's ``arch()`` describes the new widths and ``models.from_arch`` rebuilds it.
+
+  Raises:
+    ValueError: bad keep masks, or a spec that was not traced from this model.
+    TypeError: a sliced array belongs to a module type whose feature counts we cannot update
+      (register one with ``register_module_resizer``).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, state = nnx.split(model)
+  pure = state.to_pure_dict()
+  sliced = remove_channels_fn(pure, spec, keep)
+  new_state = jax.tree.map(lambda x: x, state)
+  nnx.replace_by_pure_dict(new_state, sliced)
+  new_model = nnx.merge(graphdef, new_state)
+  touched = {path[:-1] for (path, _) in kept_indices(spec, keep)}
+  resizers = {**_default_resizers(), **_RESIZERS}
+  for node_path, node in nnx.iter_graph(new_model):
+    if not isinstance(node, nnx.Module) or tuple(map(str, node_path)) not in touched:
+      continue
+    resize = next((r for cls, r in resizers.items() if type(node) is cls), None)
+    if resize is None:
+      resize = next((r for cls, r in resizers.items() if isinstance(node, cls)), None)
+    if resize is None:
+      raise TypeError(f"Cannot update the feature counts of {type(node).__name__} at "
+                      f"{'/'.join(map(str, node_path))} after slicing its arrays; register a "
+                      "resizer with dpm_jax.register_module_resizer.")
+    resize(node)
+  return new_model
