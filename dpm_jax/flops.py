@@ -1,9 +1,10 @@
-"""Counting multiply-accumulates (MACs), FLOPs and parameters, from the same trace as groups.
+"""Counting multiply-accumulates (MACs), FLOPs and parameters of a (pruned) network.
 
-Only convolutions and dense/``dot_general`` contractions are counted, as is usual (thop,
-fvcore, Torch-Pruning): BatchNorm, activations, adds and pooling are not. ``flops`` is
-``2 * macs``, always: beware papers that call MACs FLOPs. Counts are for the example inputs
-given (use a batch of one for per-image numbers).
+The counts come from the same trace as the channel groups (``GroupSpec.layers``), so any keep
+configuration can be costed without building it. Only convolutions and dense/``dot_general``
+contractions are counted, as is usual (thop, fvcore, Torch-Pruning): BatchNorm, activations,
+adds and pooling are not. ``flops`` is ``2 * macs``, always: beware papers that call MACs
+FLOPs. Counts are for the example inputs given (use a batch of one for per-image numbers).
 
 Example:
 
@@ -25,9 +26,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dpm_jax import groups as groups_lib
-from dpm_jax.surgery import check_keep
+from dpm_jax.groups import GroupSpec
+from dpm_jax.surgery import check_keep, kept_indices
 
-__all__ = ["LayerCount", "FlopsReport", "count_flops", "count_flops_fn"]
+__all__ = ["LayerCount", "FlopsReport", "spec_cost", "count_flops", "count_flops_fn"]
 
 
 class LayerCount(NamedTuple):
@@ -59,67 +61,46 @@ class FlopsReport:
     return "\n".join(lines)
 
 
-def _component_keep(spec, tr, comp, keep) -> np.ndarray:
-  """``kept[component]`` for every component of the trace."""
-  kept = np.ones(comp.max() + 1, bool)
-  if keep is None:
-    return kept
-  for g, k in zip(spec.groups, check_keep(spec, keep)):
-    m = g.members[0]
-    labels = tr.param_labels[m.path][m.axis]
-    kept[comp[labels[m.indices()[:, 0]]]] = k
-  return kept
+def _dim_size(dim: groups_lib.Dim, keep: Sequence[np.ndarray]) -> int:
+  n = dim.fixed
+  for t in dim.terms:
+    k = keep[t.group]
+    n += t.multiplicity * int(k.sum() if t.channels is None else k[list(t.channels)].sum())
+  return n
 
 
-def _report(spec, tr, comp, keep, is_param: Callable[[groups_lib.Path], bool],
-            shapes: dict) -> FlopsReport:
-  kept = _component_keep(spec, tr, comp, keep)
+def spec_cost(spec: GroupSpec, keep: Sequence[Any] | None = None) -> FlopsReport:
+  """MACs and parameters of the network ``spec`` describes, pruned to ``keep`` if given."""
+  keep = ([np.ones(g.size, bool) for g in spec.groups] if keep is None
+          else check_keep(spec, keep))
   layers = []
-  for cost in tr.costs:
-    macs = cost.const
-    for dim in cost.dims:
-      macs *= int(kept[comp[dim]].sum())
-    layers.append(LayerCount(cost.name, cost.primitive, int(macs)))
+  for layer in spec.layers:
+    macs = layer.const
+    for dim in layer.dims:
+      macs *= _dim_size(dim, keep)
+    layers.append(LayerCount(layer.name, layer.primitive, int(macs)))
+  sliced = kept_indices(spec, keep)
+  shapes = dict(spec.shapes)
   params = 0
-  for path, shape in shapes.items():
-    if not is_param(path):
-      continue
-    labels = tr.param_labels.get(path)
-    if labels is None:
-      params += int(np.prod(shape))
-      continue
-    params += int(np.prod([kept[comp[l]].sum() if l is not None else n
-                           for l, n in zip(labels, shape)]))
+  for path in spec.params:
+    params += int(np.prod([len(sliced[(path, a)]) if (path, a) in sliced else n
+                           for a, n in enumerate(shapes[path])]))
   return FlopsReport(sum(l.macs for l in layers), params, tuple(layers))
 
 
 def count_flops_fn(apply_fn: Callable[..., Any], variables: Any, *example_inputs: Any,
-                   keep: Sequence[Any] | None = None,
-                   is_statistic: Callable[[groups_lib.Path], bool] =
-                   groups_lib._default_is_statistic) -> FlopsReport:
+                   keep: Sequence[Any] | None = None, **trace_kwargs) -> FlopsReport:
   """MACs, FLOPs and parameters of ``apply_fn(variables, *example_inputs)``.
 
-  Args:
-    apply_fn, variables, example_inputs, is_statistic: as for ``trace_groups_fn``; statistics
-      are not counted as parameters.
-    keep: optional keep masks, one per group of ``trace_groups_fn(apply_fn, variables, ...)``:
-      the counts of the pruned network, without building it.
+  ``keep`` (one mask per group of ``trace_groups_fn`` with the same arguments) gives the
+  counts of the pruned network without building it; other keywords go to
+  ``trace_groups_fn``. Statistics are not counted as parameters.
   """
-  spec, tr, comp = groups_lib._trace(apply_fn, variables, example_inputs,
-                                     is_statistic=is_statistic)
-  shapes = dict(spec.shapes)
-  return _report(spec, tr, comp, keep, lambda p: not is_statistic(p), shapes)
+  spec = groups_lib.trace_groups_fn(apply_fn, variables, *example_inputs, **trace_kwargs)
+  return spec_cost(spec, keep)
 
 
-def count_flops(model, *example_inputs: Any, keep: Sequence[Any] | None = None) -> FlopsReport:
-  """MACs, FLOPs and ``nnx.Param`` count of an NNX module (``keep``: as if pruned)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  apply_fn, variables, is_statistic = groups_lib.nnx_apply(model)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
-  import jax  # pylint: disable=g-import-not-at-top
-  param_paths = {groups_lib.path_str(k) for k, _ in
-                 jax.tree_util.tree_flatten_with_path(params)[0]}
-  spec, tr, comp = groups_lib._trace(apply_fn, variables, example_inputs,
-                                     is_statistic=is_statistic)
-  return _report(spec, tr, comp, keep, param_paths.__contains__, dict(spec.shapes))
+def count_flops(model, *example_inputs: Any, keep: Sequence[Any] | None = None,
+                **trace_kwargs) -> FlopsReport:
+  """MACs, FLOPs and ``nnx.Param`` count of an NNX module (with ``keep``: as if pruned)."""
+  return spec_cost(groups_lib.trace_groups(model, *example_inputs, **trace_kwargs), keep)

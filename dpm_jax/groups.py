@@ -43,6 +43,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 __all__ = [
+    "Term",
+    "Dim",
+    "Layer",
     "PRODUCER",
     "CONSUMER",
     "STATISTIC",
@@ -110,6 +113,34 @@ class Group(NamedTuple):
     return tuple(m for m in self.members if m.role == CONSUMER)
 
 
+class Term(NamedTuple):
+  """``multiplicity`` entries of a layer dimension per kept channel of group ``group``.
+
+  ``channels`` is ``None`` when the dimension holds every channel of the group, else the
+  channel indices it holds.
+  """
+
+  group: int
+  channels: tuple[int, ...] | None
+  multiplicity: int
+
+
+class Dim(NamedTuple):
+  """A channel dimension of a layer: ``fixed`` unprunable entries plus the group ``terms``."""
+
+  fixed: int
+  terms: tuple[Term, ...]
+
+
+class Layer(NamedTuple):
+  """A conv or contraction: ``macs = const * prod(kept entries of each dim)``."""
+
+  name: str
+  primitive: str
+  const: int
+  dims: tuple[Dim, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupSpec:
   """Static, hashable description of all channel groups of a model.
@@ -118,10 +149,15 @@ class GroupSpec:
     groups: the prunable groups, in the order the forward pass first produces them.
     shapes: ``(path, shape)`` of every variable the trace saw, so that a spec can be checked
       against the variables it is applied to.
+    params: the paths of the trainable parameters among them (statistics excluded).
+    layers: the convolutions and contractions of the forward pass with their channel
+      dimensions, for counting MACs of any pruned configuration (``dpm_jax.flops``).
   """
 
   groups: tuple[Group, ...]
   shapes: tuple[tuple[Path, tuple[int, ...]], ...] = ()
+  params: tuple[Path, ...] = ()
+  layers: tuple[Layer, ...] = ()
 
   @property
   def sizes(self) -> tuple[int, ...]:
@@ -246,6 +282,7 @@ class _Trace:
   roles: dict[tuple[Path, int], str]
   costs: list[_Cost]
   statistic: Callable[[Path], bool]
+  is_param: Callable[[Path], bool]
   on_unknown: str = "error"
   use_order: dict[Path, int] = dataclasses.field(default_factory=dict)
 
@@ -731,7 +768,37 @@ def _build_spec(tr: _Trace, comp: np.ndarray, shapes: dict[Path, tuple[int, ...]
   # Forward order: a group comes where its first producer is first used.
   order = lambda g: min(tr.use_order.get(m.path, len(tr.use_order)) for m in g.producers())
   groups.sort(key=order)
-  return GroupSpec(tuple(groups), tuple(sorted(shapes.items())))
+  layers = _layers(tr, comp, groups)
+  params = tuple(sorted(p for p in shapes if tr.is_param(p)))
+  return GroupSpec(tuple(groups), tuple(sorted(shapes.items())), params, layers)
+
+
+def _layers(tr: _Trace, comp: np.ndarray, groups: list[Group]) -> tuple[Layer, ...]:
+  """The traced MAC costs, each channel dimension expressed in groups' channels."""
+  group_of = np.full(comp.max() + 1, -1)
+  channel_of = np.zeros(comp.max() + 1, int)
+  for gi, g in enumerate(groups):
+    m = g.members[0]
+    comps = comp[tr.param_labels[m.path][m.axis][m.indices()[:, 0]]]
+    group_of[comps] = gi
+    channel_of[comps] = np.arange(g.size)
+  layers = []
+  for cost in tr.costs:
+    dims = []
+    for labels in cost.dims:
+      c = comp[labels]
+      gs = group_of[c]
+      terms = []
+      for gi in np.unique(gs[gs >= 0]).tolist():
+        chans, counts = np.unique(channel_of[c[gs == gi]], return_counts=True)
+        if len(chans) == groups[gi].size and np.all(counts == counts[0]):
+          terms.append(Term(gi, None, int(counts[0])))
+        else:
+          for ch, n in zip(chans.tolist(), counts.tolist()):
+            terms.append(Term(gi, (ch,), n))
+      dims.append(Dim(int(np.sum(gs < 0)), tuple(terms)))
+    layers.append(Layer(cost.name, cost.primitive, int(cost.const), tuple(dims)))
+  return tuple(layers)
 
 
 def _labels_for(graph: _Graph, shape, fixed: bool) -> Labels:
@@ -740,7 +807,8 @@ def _labels_for(graph: _Graph, shape, fixed: bool) -> Labels:
   return tuple(graph.fresh(n) for n in shape)
 
 
-def _trace(apply_fn, variables, inputs, *, is_statistic, rules=None, on_unknown="error"):
+def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=None,
+           on_unknown="error"):
   if on_unknown not in ("error", "freeze"):
     raise ValueError(f"on_unknown must be 'error' or 'freeze', got {on_unknown!r}.")
   flat, _ = jax.tree_util.tree_flatten_with_path(variables)
@@ -751,7 +819,9 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, rules=None, on_unknown=
   jaxpr = closed.jaxpr
   graph = _Graph()
   all_rules = {**_RULES, **(rules or {})}
-  tr = _Trace(graph, {}, {}, [], is_statistic, on_unknown)
+  if is_param is None:
+    is_param = lambda p: not is_statistic(p)
+  tr = _Trace(graph, {}, {}, [], is_statistic, is_param, on_unknown)
   n_vars = len(paths)
   in_labels, in_origins = [], []
   used = _used_vars(jaxpr)
@@ -773,8 +843,7 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, rules=None, on_unknown=
       graph.fix(l)  # channels that reach the outputs are not prunable
   shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
   comp = graph.components()
-  spec = _build_spec(tr, comp, shapes)
-  return spec, tr, comp
+  return _build_spec(tr, comp, shapes)
 
 
 def _used_vars(jaxpr) -> set:
@@ -823,13 +892,13 @@ def trace_groups_fn(apply_fn: Callable[..., Any], variables: Any, *example_input
     >>> [(m.path, m.axis, m.role) for m in spec.groups[0].members]
     [(('b1',), 0, 'producer'), (('w1',), 1, 'producer'), (('w2',), 0, 'consumer')]
   """
-  spec, *_ = _trace(apply_fn, variables, example_inputs, is_statistic=is_statistic,
-                    rules=rules, on_unknown=on_unknown)
-  return spec
+  return _trace(apply_fn, variables, example_inputs, is_statistic=is_statistic,
+                rules=rules, on_unknown=on_unknown)
 
 
-def nnx_apply(model) -> tuple[Callable[..., Any], Any, Callable[[Path], bool]]:
-  """``(apply_fn, variables, is_statistic)`` for an NNX module, in eval mode.
+def nnx_apply(model) -> tuple[Callable[..., Any], Any, Callable[[Path], bool],
+                            Callable[[Path], bool]]:
+  """``(apply_fn, variables, is_statistic, is_param)`` for an NNX module, in eval mode.
 
   ``variables`` is the module's full state as a pure dict (paths are module attribute paths),
   and ``apply_fn(variables, *inputs)`` merges it into an eval-mode copy of the module. The
@@ -844,13 +913,15 @@ def nnx_apply(model) -> tuple[Callable[..., Any], Any, Callable[[Path], bool]]:
   variables = eval_state.to_pure_dict()
   stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
   stat_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(stats)[0]}
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  param_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
 
   def apply_fn(pure, *inputs):
     st = jax.tree.map(lambda x: x, eval_state)  # a copy: replace_by_pure_dict writes in place
     nnx.replace_by_pure_dict(st, pure)
     return nnx.merge(eval_graphdef, st)(*inputs)
 
-  return apply_fn, variables, stat_paths.__contains__
+  return apply_fn, variables, stat_paths.__contains__, param_paths.__contains__
 
 
 def trace_groups(model, *example_inputs: Any,
@@ -871,6 +942,6 @@ def trace_groups(model, *example_inputs: Any,
     >>> len(spec.groups)  # 3 residual streams + 9 inner convs
     12
   """
-  apply_fn, variables, is_statistic = nnx_apply(model)
-  return trace_groups_fn(apply_fn, variables, *example_inputs, is_statistic=is_statistic,
-                         rules=rules, on_unknown=on_unknown)
+  apply_fn, variables, is_statistic, is_param = nnx_apply(model)
+  return _trace(apply_fn, variables, example_inputs, is_statistic=is_statistic,
+                is_param=is_param, rules=rules, on_unknown=on_unknown)

@@ -1,0 +1,134 @@
+"""Per-channel reductions and rescaling over a parameter pytree, from a ``GroupSpec``.
+
+The pruning state keeps one entry per channel of every group, flattened: group ``g`` owns the
+entries ``[starts[g], starts[g] + sizes[g])``. ``ChannelIndex`` holds the static index maps
+(numpy, built once); the functions here are pure and jittable.
+
+Example:
+
+  >>> import jax.numpy as jnp
+  >>> from dpm_jax import groups, channels
+  >>> def mlp(v, x):
+  ...   return jnp.maximum(x @ v['w1'], 0) @ v['w2']
+  >>> v = {'w1': jnp.ones((4, 3)), 'w2': jnp.ones((3, 2))}
+  >>> index = channels.ChannelIndex.build(groups.trace_groups_fn(mlp, v, jnp.zeros((1, 4))))
+  >>> channels.sq_norms(index, v).tolist()   # producer slices only: 4 ones per channel
+  [4.0, 4.0, 4.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
+
+__all__ = ["ChannelIndex", "sq_norms", "abs_sums", "scale", "segment_mean", "split"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _MemberIndex:
+  axis: int
+  indices: np.ndarray  # [size, repeat]
+  start: int           # first flat channel of the group
+  role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelIndex:
+  """Static maps between a parameter tree and the flat per-channel vectors."""
+
+  sizes: tuple[int, ...]
+  starts: tuple[int, ...]
+  segment_ids: np.ndarray                       # [K] group of every flat channel
+  members: dict[Path, tuple[_MemberIndex, ...]]  # by variable path (prefix removed)
+
+  @property
+  def num_channels(self) -> int:
+    return int(sum(self.sizes))
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.sizes)
+
+  @classmethod
+  def build(cls, spec: GroupSpec, prefix: Path = ()) -> ChannelIndex:
+    """Indexes ``spec``'s members; ``prefix`` is stripped from paths (e.g. ``('params',)``)."""
+    sizes = spec.sizes
+    starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum(sizes)[:-1]])) if sizes else ()
+    members: dict[Path, list[_MemberIndex]] = {}
+    n = len(prefix)
+    for g, start in zip(spec.groups, starts):
+      for m in g.members:
+        if tuple(m.path[:n]) != tuple(prefix):
+          continue
+        members.setdefault(m.path[n:], []).append(
+            _MemberIndex(m.axis, m.indices(), start, m.role))
+    seg = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    return cls(tuple(sizes), starts, seg, {p: tuple(v) for p, v in members.items()})
+
+
+def _leaves(index: ChannelIndex, tree: Any, roles: Sequence[str]):
+  for key_path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for m in index.members.get(path_str(key_path), ()):
+      if m.role in roles:
+        yield x, m
+
+
+def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn) -> jax.Array:
+  out = jnp.zeros(index.num_channels, jnp.float32)
+  for x, m in _leaves(index, tree, roles):
+    axes = tuple(a for a in range(x.ndim) if a != m.axis)
+    along = jnp.sum(fn(x.astype(jnp.float32)), axis=axes)           # [axis length]
+    per_channel = along[m.indices].sum(axis=1)                        # [size]
+    out = out.at[m.start:m.start + len(m.indices)].add(per_channel)
+  return out
+
+
+def sq_norms(index: ChannelIndex, tree: Any,
+             roles: Sequence[str] = (PRODUCER,)) -> jax.Array:
+  """``[K]`` squared L2 norm of every channel over its members with the given roles."""
+  return _per_channel(index, tree, roles, jnp.square)
+
+
+def abs_sums(index: ChannelIndex, tree: Any,
+             roles: Sequence[str] = (PRODUCER,)) -> jax.Array:
+  """``[K]`` L1 norm of every channel over its members with the given roles."""
+  return _per_channel(index, tree, roles, jnp.abs)
+
+
+def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
+          roles: Sequence[str] = (PRODUCER,)) -> Any:
+  """Multiplies every channel's member slices by ``factor[channel]`` (``[K]``)."""
+
+  def scale_leaf(key_path, x):
+    for m in index.members.get(path_str(key_path), ()):
+      if m.role not in roles:
+        continue
+      f = factor[m.start:m.start + len(m.indices)]
+      along = jnp.ones(x.shape[m.axis], factor.dtype)
+      along = along.at[m.indices.ravel()].set(jnp.repeat(f, m.indices.shape[1]))
+      shape = [1] * x.ndim
+      shape[m.axis] = -1
+      x = x * along.reshape(shape).astype(x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(scale_leaf, tree)
+
+
+def segment_mean(index: ChannelIndex, values: jax.Array, where: jax.Array) -> jax.Array:
+  """``[K]``: for every channel, the mean of ``values`` over ``where`` in its group."""
+  seg = jnp.asarray(index.segment_ids)
+  total = jax.ops.segment_sum(jnp.where(where, values, 0.0), seg, index.num_groups)
+  count = jax.ops.segment_sum(where.astype(jnp.float32), seg, index.num_groups)
+  return (total / jnp.maximum(count, 1.0))[seg]
+
+
+def split(index: ChannelIndex, flat: jax.Array) -> tuple[jax.Array, ...]:
+  """The flat ``[K]`` vector as one array per group."""
+  return tuple(flat[s:s + n] for s, n in zip(index.starts, index.sizes))
