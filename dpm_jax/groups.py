@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -167,8 +168,12 @@ class GroupSpec:
   def num_channels(self) -> int:
     return sum(self.sizes)
 
+  @functools.cached_property
+  def _shape_table(self) -> dict[Path, tuple[int, ...]]:
+    return dict(self.shapes)
+
   def shape_of(self, path: Path) -> tuple[int, ...]:
-    return dict(self.shapes)[path]
+    return self._shape_table[path]
 
   def without(self, *paths: Path) -> GroupSpec:
     """A spec without the groups that touch any of ``paths`` (declares them unprunable)."""

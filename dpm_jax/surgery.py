@@ -81,9 +81,33 @@ def kept_indices(spec: GroupSpec, keep: Sequence[Any]) -> dict[tuple[Path, int],
   return {key: np.nonzero(mask)[0] for key, mask in masks.items()}
 
 
-def _take(x, indices: dict[int, np.ndarray]):
+def _host(fn):
+  """Runs ``fn`` on a host copy of a concrete array (no per-shape compiles), jnp if traced."""
+
+  def apply(x, *args):
+    if isinstance(x, jax.core.Tracer):
+      return fn(jnp, x, *args)
+    out = fn(np, np.asarray(x), *args)
+    return out if isinstance(x, np.ndarray) else jnp.asarray(out)
+
+  return apply
+
+
+@_host
+def _take(xp, x, indices: dict[int, np.ndarray]):
   for axis, idx in indices.items():
-    x = np.take(x, idx, axis) if isinstance(x, np.ndarray) else jnp.take(x, idx, axis)
+    x = xp.take(x, idx, axis=axis)
+  return x
+
+
+@_host
+def _zero(xp, x, slices: list[tuple[int, np.ndarray]]):
+  for axis, idx in slices:
+    mask = np.ones(x.shape[axis], bool)
+    mask[idx] = False
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    x = x * xp.asarray(mask.reshape(shape), dtype=x.dtype)
   return x
 
 
@@ -175,13 +199,7 @@ def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
 
   def zero_leaf(key_path, x):
     path = tuple(prefix) + path_str(key_path)
-    for axis, idx in zero.get(path, ()):
-      mask = np.ones(np.shape(x)[axis], bool)
-      mask[idx] = False
-      shape = [1] * np.ndim(x)
-      shape[axis] = -1
-      x = x * mask.reshape(shape).astype(x.dtype)
-    return x
+    return _zero(x, zero[path]) if path in zero else x
 
   return jax.tree_util.tree_map_with_path(zero_leaf, variables)
 
