@@ -48,7 +48,7 @@ from dpm_jax import allocation
 from dpm_jax import channels
 from dpm_jax import criteria
 from dpm_jax import state as state_lib
-from dpm_jax.groups import GroupSpec, Path, path_str
+from dpm_jax.groups import STATISTIC, GroupSpec, Path, path_str
 from dpm_jax.recipes import Recipe
 from dpm_jax.state import PruneState
 from dpm_jax.surgery import zero_channels
@@ -67,13 +67,14 @@ def _check_params(spec: GroupSpec, index: channels.ChannelIndex, params: Any,
                   prefix: Path) -> None:
   shapes = dict(spec.shapes)
   have = {path_str(k): np.shape(x) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  missing = [p for p in index.members if p not in have]
+  wanted = [p for p, ms in index.members.items() if any(m.role != STATISTIC for m in ms)]
+  missing = [p for p in wanted if p not in have]
   if missing:
     raise ValueError(
         "The pruning spec does not match the params: no parameter at "
         f"{', '.join('/'.join(p) for p in missing[:5])}. Trace the spec from the same model "
         "(and pass prefix= if the spec's paths start with a collection name such as 'params').")
-  for p in index.members:
+  for p in wanted:
     want = shapes[tuple(prefix) + p]
     if tuple(have[p]) != tuple(want):
       raise ValueError(f"The pruning spec does not match the params: {'/'.join(p)} has shape "
