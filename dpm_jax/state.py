@@ -76,16 +76,16 @@ class PruneState(NamedTuple):
 def init(sizes: Sequence[int]) -> PruneState:
   """A fresh state for groups of the given sizes: every channel active."""
   k = int(sum(sizes))
-  zeros = jnp.zeros(k, jnp.float32)
+  zeros = lambda: jnp.zeros(k, jnp.float32)  # distinct buffers, so the state can be donated
   return PruneState(
       count=jnp.zeros((), jnp.int32),
       status=jnp.zeros(k, jnp.int8),
       keep=tuple(jnp.ones(n, bool) for n in sizes),
       decay_step=jnp.zeros(k, jnp.int32),
-      init_norm=zeros,
-      grad_norm_ema=zeros,
-      rate_ema=zeros,
-      importance=zeros,
+      init_norm=zeros(),
+      grad_norm_ema=zeros(),
+      rate_ema=zeros(),
+      importance=zeros(),
       released=jnp.zeros(k, jnp.int32),
       released_at=jnp.full(k, _NEVER, jnp.int32),
       ratio=jnp.zeros(len(sizes), jnp.float32),

@@ -128,8 +128,7 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     return state_lib.mark_selected(ps, selected, norms, hard=recipe.removal == "hard",
                                    scores=scores)
 
-  def remove(ps: PruneState, params: Any, grads: Any, updates: Any):
-    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, updates)
+  def decay(ps: PruneState, params: Any, grads: Any, stepped: Any):
     norms_after = jnp.sqrt(channels.sq_norms(index, stepped))
     if recipe.removal == "dpm":
       norms = jnp.sqrt(channels.sq_norms(index, params))
@@ -142,7 +141,16 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
       ps = state_lib.release(ps, relative, rate_threshold=recipe.rate_threshold,
                              len_threshold=recipe.len_threshold, logic=recipe.logic,
                              min_decay_steps=recipe.min_decay_steps)
-    ps, factor = state_lib.decay_factors(ps, norms_after, recipe.decay_steps)
+    return state_lib.decay_factors(ps, norms_after, recipe.decay_steps)
+
+  def hold(ps: PruneState, params: Any, grads: Any, stepped: Any):
+    # Nothing decays: pruned channels are held at zero, no norms needed.
+    return ps, (ps.status != state_lib.PRUNED).astype(jnp.float32)
+
+  def remove(ps: PruneState, params: Any, grads: Any, updates: Any):
+    stepped = jax.tree.map(lambda x, u: x + u.astype(x.dtype), params, updates)
+    decaying = jnp.any(ps.status == state_lib.DECAYING)
+    ps, factor = jax.lax.cond(decaying, decay, hold, ps, params, grads, stepped)
     landed = channels.scale(index, stepped, factor)
     new_updates = jax.tree.map(lambda n, x, u: (n - x).astype(u.dtype), landed, params, updates)
     return new_updates, ps

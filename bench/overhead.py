@@ -1,0 +1,121 @@
+"""Overhead of the pruning transform: pruning train step vs a plain optax train step.
+
+  python bench/overhead.py                 # digits CNN and ResNet-20, this machine
+  python bench/overhead.py --models resnet20 --batch 128 --reps 15
+
+Both steps are the same jitted function (forward, backward, SGD-momentum update,
+apply_updates, donated state); only the optimizer differs. Timings are interleaved in one
+process (plain, then each pruning phase, repeated) and the median per-step time is reported.
+The pruning step is measured in its three regimes:
+
+- ``idle``: before the first pruning event (only the event check runs);
+- ``decaying``: channels are decaying (smooth pruning + self-rectifying: norms, gradient
+  history, release test, rescale);
+- ``holding``: channels are pruned and held at zero (a mask multiply).
+
+Target: ratio <= 1.05. The compile count of each pruning step over the whole measurement
+(events, decays and releases included) is printed too; it must be 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import dpm_jax
+from dpm_jax import models
+from train.train import apply_model, cross_entropy_loss, split_model
+
+SHAPES = {"digits_cnn": (8, 8, 1), "resnet20": (32, 32, 3), "resnet56": (32, 32, 3)}
+
+
+def make_step(graphdef, tx):
+  def step(params, stats, opt_state, batch):
+    def loss_fn(p):
+      logits, new_stats = apply_model(graphdef, p, stats, batch["image"])
+      return cross_entropy_loss(logits, batch["label"]), new_stats
+
+    (loss, stats2), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats2, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def bench_model(name: str, batch_size: int, reps: int, steps: int) -> None:
+  model = models.create_model(name, num_classes=10, rngs=nnx.Rngs(0))
+  shape = SHAPES[name]
+  spec = dpm_jax.trace_groups(model, jnp.zeros((1,) + shape))
+  graphdefs, params, stats = split_model(model)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+  inner = lambda: optax.sgd(0.01, momentum=0.9)
+  never = 10**9
+  variants = {
+      "plain": inner(),
+      "idle": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
+          0.5, removal="dpm", start_step=never, end_step=never, num_events=1)),
+      "decaying": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
+          0.5, removal="dpm", start_step=0, end_step=0, num_events=1, decay_steps=never,
+          min_decay_steps=1)),
+      "holding": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
+          0.5, removal="hard", start_step=0, end_step=0, num_events=1)),
+  }
+  runs = {}
+  for key, tx in variants.items():
+    p, s = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, stats)
+    runs[key] = [make_step(graphdefs.train, tx), p, s, tx.init(p)]
+  times: dict[str, list[float]] = {k: [] for k in variants}
+
+  def run(key: str, n: int) -> float:
+    step, p, s, o = runs[key]
+    start = time.perf_counter()
+    for _ in range(n):
+      p, s, o, loss = step(p, s, o, batch)
+    loss.block_until_ready()
+    runs[key][1:] = [p, s, o]
+    return (time.perf_counter() - start) / n
+
+  for key in variants:  # compile and reach the regime (first event at step 0)
+    run(key, 3)
+  for _ in range(reps):
+    for key in variants:
+      times[key].append(run(key, steps))
+  plain = statistics.median(times["plain"])
+  print(f"\n{name}, batch {batch_size}, {len(spec.groups)} groups, "
+        f"{spec.num_channels} channels; median of {reps} x {steps} steps")
+  print(f"{'step':<10} {'ms/step':>9} {'ratio':>7} {'compiles':>9}")
+  for key in variants:
+    med = statistics.median(times[key])
+    compiles = runs[key][0]._cache_size()
+    print(f"{key:<10} {1e3 * med:>9.3f} {med / plain:>7.3f} {compiles:>9}")
+  ps = dpm_jax.prune_state(runs["decaying"][3])
+  print(f"(decaying run: {int((np.asarray(ps.status) == 1).sum())} channels decaying)")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=["digits_cnn", "resnet20"],
+                      choices=sorted(SHAPES))
+  parser.add_argument("--batch", type=int, default=0,
+                      help="batch size (default: 128 for digits, 32 for ResNet on CPU)")
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--steps", type=int, default=0, help="steps per repetition")
+  args = parser.parse_args()
+  print(f"devices: {jax.devices()}")
+  for name in args.models:
+    small = name == "digits_cnn"
+    bench_model(name, args.batch or (128 if small else 32), args.reps,
+                args.steps or (50 if small else 5))
+
+
+if __name__ == "__main__":
+  main()
