@@ -1,0 +1,55 @@
+"""Default hyperparameters: every field of a training config, with DepGraph's CIFAR recipe.
+
+ResNet-56 on CIFAR-10 with SGD (lr 0.1, momentum 0.9, weight decay 5e-4, batch 128)
+for 200 epochs, the learning rate divided by 10 at epochs 120, 150 and 180: the
+dense-network setting of DepGraph (Fang et al., CVPR 2023) and of Torch-Pruning's
+CIFAR benchmarks. Other configs import this one and override fields.
+
+  python -m train.main --config=configs/default.py --workdir=runs/default \\
+      --config.data_dir=/path/to/tensorflow_datasets
+
+Expects CIFAR-10 prepared as array_record under `data_dir` (see `dpm_jax.data`);
+same result and time as configs/cifar10_resnet56.py.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default config."""
+  config = ml_collections.ConfigDict()
+
+  # Model and data.
+  config.model = 'resnet56'  # A name in `dpm_jax.models.MODELS`.
+  # Extra constructor arguments of the model (its widths), e.g. {'stage_widths': (8, 16, 32)}.
+  config.model_kwargs = ml_collections.ConfigDict()
+  config.dataset = 'cifar10'  # A name in `dpm_jax.data.DATASETS`.
+  # TFDS data directory; None: $TFDS_DATA_DIR or ~/tensorflow_datasets (digits is prepared there).
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.augment = True  # Training-time augmentation (CIFAR: pad-crop-flip; digits: none).
+  config.seed = 0  # Seeds the model initialisation and the order of training batches.
+
+  # Optimisation. Weight decay is L2 on conv/dense kernels only (not biases, not BatchNorm).
+  config.optimizer = 'sgd'  # 'sgd' (with momentum) or 'adam'.
+  config.learning_rate = 0.1  # Peak learning rate (after warmup).
+  config.momentum = 0.9  # SGD momentum; 0 for plain SGD.
+  config.nesterov = False  # SGD with Nesterov momentum.
+  config.adam_b1 = 0.9  # Adam's first-moment decay.
+  config.adam_b2 = 0.999  # Adam's second-moment decay.
+  config.weight_decay = 5e-4  # L2 coefficient: wd * kernel is added to the kernel's gradient.
+  config.lr_schedule = 'piecewise'  # 'constant', 'cosine' (to 0 at the end) or 'piecewise'.
+  config.lr_milestones = (120, 150, 180)  # 'piecewise': epochs at which the rate is multiplied...
+  config.lr_decay_factor = 0.1  # ... by this factor.
+  config.warmup_epochs = 0.0  # Linear warmup from 0 over this many epochs (may be fractional).
+  config.batch_size = 128  # Training batch size.
+  config.num_epochs = 200  # Training length, in passes over the training set (may be fractional).
+
+  # Evaluation, logging and checkpoints.
+  config.eval_batch_size = 500  # Test batch size (the last batch is padded and masked).
+  config.eval_every_epochs = 1  # Evaluate on the test set every this many epochs (and at the end).
+  config.log_every_steps = 100  # Write train loss/accuracy to metrics.jsonl every this many steps.
+  config.checkpoint_every_epochs = 1  # Checkpoint every this many epochs (and at the end).
+  config.checkpoint_max_to_keep = 2  # Checkpoints kept per phase (older ones are deleted).
+  config.progress_bar = True  # Show a tqdm progress bar per epoch.
+
+  return config

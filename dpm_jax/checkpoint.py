@@ -1,0 +1,264 @@
+"""Checkpoints with orbax: train states, and the model architecture beside them.
+
+Each training phase checkpoints into its own directory with an orbax
+`CheckpointManager`; the architecture (`model.arch()`, JSON) is written next to
+the step directories so that a (possibly pruned) model can be rebuilt without
+the code that trained it::
+
+  workdir/pretrain/arch.json
+  workdir/pretrain/<step>/...
+
+Restores always go into an abstract target (`jax.ShapeDtypeStruct` leaves), so
+the restored tree has the target's structure, dtypes and shardings. Failures to
+read a checkpoint are re-raised as `CheckpointError` naming the directory and
+what to do about it.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any, TypeVar
+
+from etils import epath
+from flax import nnx
+import jax
+import orbax.checkpoint as ocp
+
+from dpm_jax import models
+
+PyTree = Any
+T = TypeVar('T')
+
+ARCH_FILENAME = 'arch.json'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be read into the requested target."""
+
+
+def create_manager(
+    directory: str | os.PathLike[str], *, max_to_keep: int | None = 3, save_interval_steps: int = 1
+) -> ocp.CheckpointManager:
+  """Returns a `CheckpointManager` for `directory` (created if missing).
+
+  Args:
+    directory: where step directories are written.
+    max_to_keep: keep only this many most recent checkpoints (None: all).
+    save_interval_steps: `save` without `force` writes only at multiples of it.
+  """
+  directory = epath.Path(directory)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
+  )
+  try:
+    return ocp.CheckpointManager(
+        directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
+  except Exception as e:  # orbax reads step metadata here; any failure means a bad directory.
+    raise CheckpointError(_unreadable_message(directory, None, e)) from e
+
+
+def abstract(tree: PyTree) -> PyTree:
+  """The `jax.ShapeDtypeStruct` tree (with shardings) of a tree of arrays."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree, *, force: bool = False) -> bool:
+  """Saves `state` at `step`; returns whether a checkpoint was written.
+
+  The device-to-host copy is synchronous, so `state` may be donated right after.
+  """
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, target: T, *, step: int | None = None) -> T:
+  """Restores the checkpoint at `step` (default: latest) with the structure of `target`.
+
+  Args:
+    manager: the manager of the checkpoint directory.
+    target: a tree of arrays or `jax.ShapeDtypeStruct`s giving structure, shapes,
+      dtypes and shardings of the result.
+    step: which checkpoint; the latest one when None.
+
+  Returns:
+    The restored tree.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint in the directory.
+    CheckpointError: the checkpoint is corrupt or does not match `target`.
+  """
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
+  try:
+    stored = manager.item_metadata(step)
+    if stored is not None:  # Compared up front: orbax's own error does not name the leaf.
+      mismatch = _mismatch(_leaf_specs(stored.tree), _leaf_specs(target))
+      if mismatch:
+        raise ValueError(f'the checkpoint does not match the state to restore: {mismatch}')
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract(target)))
+  except Exception as e:
+    raise CheckpointError(_unreadable_message(manager.directory, step, e)) from e
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: T) -> T | None:
+  """Like `restore` for the latest checkpoint, or None when there is none."""
+  if manager.latest_step() is None:
+    return None
+  return restore(manager, target)
+
+
+def save_arch(directory: str | os.PathLike[str], arch: Mapping[str, Any]) -> None:
+  """Writes `arch` as JSON into `directory`, or checks that it matches the one there.
+
+  Raises:
+    ValueError: `directory` already holds a different architecture (the
+      checkpoints there belong to another model).
+  """
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / ARCH_FILENAME
+  # A JSON round trip normalises tuples to lists, so equal architectures compare equal.
+  arch = json.loads(json.dumps(arch))
+  if path.exists():
+    existing = load_arch(directory)
+    if existing != arch:
+      raise ValueError(
+          f'{path} describes a different model than this run:\n  saved: {existing}\n'
+          f'  now:   {arch}\nUse a new workdir, or delete {directory} to start this phase over.'
+      )
+    return
+  tmp = directory / (ARCH_FILENAME + '.tmp')
+  tmp.write_text(json.dumps(arch, indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
+def load_arch(directory: str | os.PathLike[str]) -> dict[str, Any]:
+  """Reads the architecture JSON written by `save_arch`."""
+  path = epath.Path(directory) / ARCH_FILENAME
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(
+        f'{path} is not valid JSON ({e}). Delete {path.parent} or use a new workdir.'
+    ) from e
+
+
+def export_model(
+    directory: str | os.PathLike[str], arch: Mapping[str, Any], params: PyTree, batch_stats: PyTree
+) -> None:
+  """Writes a model for `load_model`: its architecture and variables, no optimizer state.
+
+  The layout is that of a phase directory (`arch.json` and a step directory, here
+  step 0) holding only {'params', 'batch_stats'}; exporting again replaces it.
+  """
+  directory = epath.Path(directory)
+  if (directory / ARCH_FILENAME).exists():
+    (directory / ARCH_FILENAME).unlink()  # A re-export may follow a change of architecture.
+  save_arch(directory, arch)
+  manager = create_manager(directory, max_to_keep=1)
+  try:
+    if 0 in manager.all_steps():
+      manager.delete(0)
+    save(manager, 0, {'params': params, 'batch_stats': batch_stats}, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def load_model(directory: str | os.PathLike[str], *, step: int | None = None) -> nnx.Module:
+  """Rebuilds a trained model from `arch.json` and a checkpoint's params and batch stats.
+
+  Only the `params` and `batch_stats` entries of the checkpoint are read, so the
+  optimizer (or pruning) state and code are not needed.
+
+  Args:
+    directory: a phase directory written by training, or one written by
+      `export_model`.
+    step: which checkpoint; the latest one when None.
+
+  Returns:
+    The model, in eval mode, with its arrays on the first local device.
+  """
+  directory = epath.Path(directory)
+  arch = load_arch(directory)
+  abstract_model = nnx.eval_shape(lambda: models.from_arch(arch, rngs=nnx.Rngs(0)))
+  graphdef, params, batch_stats, rest = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      {'params': nnx.to_pure_dict(params), 'batch_stats': nnx.to_pure_dict(batch_stats)},
+  )
+  # A fresh read-only manager has no handler bound yet, so it reads the
+  # StandardSave-written item with the (format-compatible) PyTree handler,
+  # which can restore a part of the tree.
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'No checkpoint in {directory}.')
+    try:
+      restored = manager.restore(
+          step,
+          args=ocp.args.PyTreeRestore(
+              item=target,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True,
+          ),
+      )
+    except Exception as e:
+      raise CheckpointError(_unreadable_message(directory, step, e)) from e
+  finally:
+    manager.close()
+  model = nnx.merge(graphdef, restored['params'], restored['batch_stats'], rest)
+  model.eval()
+  return model
+
+
+def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """'/'-joined key path -> (shape, dtype) of each leaf of a state or of its metadata."""
+
+  def name(key: Any) -> str:
+    for attr in ('key', 'name', 'idx'):  # DictKey, GetAttrKey (NamedTuple), SequenceKey.
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {
+      '/'.join(map(name, path)): (getattr(leaf, 'shape', None), str(getattr(leaf, 'dtype', None)))
+      for path, leaf in jax.tree.leaves_with_path(tree)
+  }
+
+
+def _mismatch(stored: dict[str, Any], wanted: dict[str, Any], limit: int = 5) -> str:
+  """A description of how two `_leaf_specs` differ ('' when they do not)."""
+  problems = [f'missing from the checkpoint: {p}' for p in sorted(wanted.keys() - stored.keys())]
+  problems += [f'not in the state: {p}' for p in sorted(stored.keys() - wanted.keys())]
+  problems += [
+      f'{p}: {stored[p][0]} {stored[p][1]} in the checkpoint, {wanted[p][0]} {wanted[p][1]} wanted'
+      for p in sorted(stored.keys() & wanted.keys())
+      if stored[p] != wanted[p]
+  ]
+  more = f' (and {len(problems) - limit} more)' if len(problems) > limit else ''
+  return '; '.join(problems[:limit]) + more
+
+
+def _unreadable_message(directory: epath.Path, step: int | None, error: Exception) -> str:
+  where = (
+      f'checkpoint step {step} in {directory}'
+      if step is not None
+      else f'checkpoint directory {directory}'
+  )
+  step_dir = (
+      f' delete {directory / str(step)} to fall back to an earlier checkpoint, or'
+      if step is not None
+      else ''
+  )
+  return (
+      f'Cannot read {where}: {type(error).__name__}: {error}\n'
+      'It is corrupt (e.g. a run killed while writing it, or a damaged copy) or was written for a '
+      'different model, optimizer or config. To continue,'
+      f'{step_dir} delete {directory} to start this phase over, or use a new --workdir.'
+  )

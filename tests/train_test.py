@@ -1,0 +1,320 @@
+"""Tests of the training program: pure steps, optimizer, phase loop, resume, command line."""
+
+import json
+import shutil
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default as default_config
+from configs import digits as digits_config
+from configs import test as test_config
+from dpm_jax import checkpoint
+from dpm_jax import models
+from train import main as main_lib
+from train import train
+
+# With the test config's batch of 8: 3 steps per epoch.
+MOCK_EXAMPLES = 24
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.update(overrides)
+  return config
+
+
+def _model(config):
+  return models.create_model(
+      config.model, num_classes=10, rngs=nnx.Rngs(0), **config.model_kwargs.to_dict()
+  )
+
+
+def _final_state(config, workdir) -> train.TrainState:
+  """The last checkpointed state of a run's 'pretrain' phase."""
+  _, params, batch_stats = train.split_model(_model(config))
+  target = train.create_train_state(
+      params, batch_stats, train.create_optimizer(config, steps_per_epoch=3)
+  )
+  manager = checkpoint.create_manager(workdir / 'pretrain')
+  try:
+    return checkpoint.restore(manager, target)
+  finally:
+    manager.close()
+
+
+def _records(workdir) -> list[dict]:
+  return [json.loads(line) for line in (workdir / train.METRICS_FILENAME).read_text().splitlines()]
+
+
+def _assert_trees_equal(actual, expected) -> None:
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, a), e in zip(jax.tree.leaves_with_path(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def mock_run(tmp_path_factory):
+  """One `train_and_evaluate` of the test config on mock CIFAR-10 (random images)."""
+  workdir = tmp_path_factory.mktemp('mock_run')
+  # No augmentation and 6 epochs over the same 24 images: the loss must fall.
+  config = _config(augment=False, num_epochs=6)
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+  config = _config()
+  graphdefs, params, batch_stats = train.split_model(_model(config))
+  tx = train.create_optimizer(config, steps_per_epoch=10)
+  state = train.create_train_state(params, batch_stats, tx)
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+      'label': rng.integers(0, 10, 8).astype(np.int32),
+  }
+  step_fn = train.make_train_step(graphdefs.train, tx)
+  losses = []
+  for _ in range(10):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 10
+  assert losses[-1] < 0.25 * losses[0], losses
+  # Eval mode uses the running statistics that the train steps updated.
+  assert jax.tree.leaves(state.batch_stats)
+  sums = train.make_eval_step(graphdefs.eval)(
+      state.params, state.batch_stats, {**batch, 'mask': np.ones(8, np.float32)}
+  )
+  assert float(sums['count']) == 8.0
+
+
+def test_eval_step_ignores_padding_rows():
+  graphdefs, params, batch_stats = train.split_model(_model(_config()))
+  eval_fn = train.make_eval_step(graphdefs.eval)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, 6).astype(np.int32)
+  real = {'image': images[:4], 'label': labels[:4], 'mask': np.ones(4, np.float32)}
+  padded = {'image': images, 'label': labels, 'mask': np.array([1, 1, 1, 1, 0, 0], np.float32)}
+  np.testing.assert_allclose(
+      train.evaluate(eval_fn, params, batch_stats, [padded])['loss'],
+      train.evaluate(eval_fn, params, batch_stats, [real])['loss'],
+      rtol=1e-6,
+  )
+  halves = [{k: v[:2] for k, v in real.items()}, {k: v[2:] for k, v in real.items()}]
+  assert train.evaluate(eval_fn, params, batch_stats, halves) == pytest.approx(
+      train.evaluate(eval_fn, params, batch_stats, [real]), rel=1e-6
+  )
+
+
+def test_learning_rate_schedules():
+  config = default_config.get_config()
+  config.update(
+      learning_rate=0.1,
+      num_epochs=10,
+      lr_schedule='piecewise',
+      lr_milestones=(4, 8),
+      lr_decay_factor=0.1,
+  )
+  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  assert [float(lr(s)) for s in (0, 39, 40, 79, 80)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+
+  config.warmup_epochs = 2  # Milestones still count from the start of training.
+  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  assert [float(lr(s)) for s in (0, 10, 20, 39, 40, 80)] == pytest.approx(
+      [0.0, 0.05, 0.1, 0.1, 0.01, 0.001]
+  )
+
+  config.update(lr_schedule='cosine', warmup_epochs=0.0)
+  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  assert [float(lr(s)) for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-7)
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_weight_decay_applies_to_kernels_only(optimizer):
+  config = default_config.get_config()
+  config.update(
+      optimizer=optimizer, momentum=0.0, weight_decay=0.5, lr_schedule='constant', learning_rate=0.1
+  )
+  params = {
+      'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)},
+      'bn': {'scale': jnp.ones(3)},
+  }
+  tx = train.create_optimizer(config, steps_per_epoch=1)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  assert np.all(np.asarray(updates['dense']['kernel']) < 0)
+  assert not np.any(updates['dense']['bias']) and not np.any(updates['bn']['scale'])
+
+
+@pytest.mark.parametrize(
+    'field, value, valid',
+    [
+        ('model', 'resnet9000', 'resnet56'),
+        ('dataset', 'mnist', 'cifar10'),
+        ('optimizer', 'lion', 'sgd'),
+        ('lr_schedule', 'linear', 'piecewise'),
+    ],
+)
+def test_unknown_names_are_rejected_before_any_work(tmp_path, field, value, valid):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=f'config.{field}.*{value}.*{valid}'):
+    train.train_and_evaluate(_config(**{field: value}), workdir)
+  assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------
+# Whole runs.
+
+
+def test_train_and_evaluate_on_mock_data(mock_run):
+  config, workdir, result = mock_run
+  assert set(result) >= {'test_accuracy', 'test_loss', 'train_loss', 'train_accuracy'}
+  assert 0.0 <= result['test_accuracy'] <= 1.0 and np.isfinite(result['test_loss'])
+
+  records = _records(workdir)
+  epochs = [r for r in records if 'test_accuracy' in r]
+  assert [r['step'] for r in epochs] == [3, 6, 9, 12, 15, 18]
+  assert all(r['phase'] == 'pretrain' for r in records)
+  for record in epochs:
+    assert set(record) == {
+        'phase',
+        'step',
+        'epoch',
+        'time',
+        'lr',
+        'train_loss',
+        'train_accuracy',
+        'test_loss',
+        'test_accuracy',
+    }
+  assert epochs[-1]['test_accuracy'] == result['test_accuracy']
+  # The training loss falls: last epoch against first.
+  assert epochs[-1]['train_loss'] < 0.7 * epochs[0]['train_loss'], [r['train_loss'] for r in epochs]
+
+  assert checkpoint.load_arch(workdir / 'pretrain') == json.loads(json.dumps(_model(config).arch()))
+  assert (workdir / 'pretrain' / '18').is_dir()
+  assert json.loads((workdir / 'config.json').read_text())['model'] == config.model
+
+
+def test_finished_run_started_again_only_evaluates(mock_run, tmp_path):
+  config, workdir, result = mock_run
+  workdir = shutil.copytree(workdir, tmp_path / 'copy')
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    again = train.train_and_evaluate(config, workdir)
+  assert again['test_accuracy'] == pytest.approx(result['test_accuracy'])
+  assert again['test_loss'] == pytest.approx(result['test_loss'], rel=1e-5)
+  assert len(_records(workdir)) == len(_records(mock_run[1]))
+
+
+def test_corrupt_checkpoint_stops_the_run_with_clear_error(mock_run, tmp_path):
+  config, workdir, _ = mock_run
+  workdir = shutil.copytree(workdir, tmp_path / 'copy')
+  for path in (workdir / 'pretrain' / '18' / 'default').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'garbage')
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      train.train_and_evaluate(config, workdir)
+  assert str(workdir / 'pretrain') in str(error.value) and 'new --workdir' in str(error.value)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
+  config = _config()  # 2 epochs of 3 steps, a checkpoint after each epoch.
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    train.train_and_evaluate(config, tmp_path / 'uninterrupted')
+
+    # Killed during step 5, after the epoch-1 checkpoint (step 3) and a metrics record of step 4.
+    make_train_step = train.make_train_step
+
+    def make_killing_train_step(graphdef, tx):
+      step_fn, calls = make_train_step(graphdef, tx), []
+
+      def killing_step(state, batch):
+        calls.append(None)
+        if len(calls) == 5:
+          raise _Killed()
+        return step_fn(state, batch)
+
+      return killing_step
+
+    monkeypatch.setattr(train, 'make_train_step', make_killing_train_step)
+    with pytest.raises(_Killed):
+      train.train_and_evaluate(config, tmp_path / 'resumed')
+    assert [r['step'] for r in _records(tmp_path / 'resumed')] == [2, 3, 4]
+    monkeypatch.setattr(train, 'make_train_step', make_train_step)
+    train.train_and_evaluate(config, tmp_path / 'resumed')
+
+  expected = jax.device_get(_final_state(config, tmp_path / 'uninterrupted'))
+  actual = jax.device_get(_final_state(config, tmp_path / 'resumed'))
+  assert int(actual.step) == 6
+  _assert_trees_equal(actual, expected)
+  # The records of the killed run after its checkpoint were replaced, not duplicated.
+  steps = [r['step'] for r in _records(tmp_path / 'resumed')]
+  assert steps == [r['step'] for r in _records(tmp_path / 'uninterrupted')] == [2, 3, 4, 6]
+
+
+def test_train_phase_calls_its_hooks(tmp_path):
+  config = _config(num_epochs=1)
+  graphdefs, params, batch_stats = train.split_model(_model(config))
+  tx = train.create_optimizer(config, steps_per_epoch=3)
+  calls = []
+  kwargs = dict(
+      graphdefs=graphdefs,
+      tx=tx,
+      num_steps=3,
+      steps_per_epoch=3,
+      config=config,
+      workdir=tmp_path,
+      arch={'name': 'test'},
+      writer=train.MetricsWriter(tmp_path / train.METRICS_FILENAME),
+      step_callback=lambda step, state: calls.append(('step', step, int(state.step))),
+      on_resume=lambda step: calls.append(('resume', step)),
+  )
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    state, metrics = train.train_phase(
+        'phase', train.create_train_state(params, batch_stats, tx), **kwargs
+    )
+    assert calls == [('resume', 0), ('step', 1, 1), ('step', 2, 2), ('step', 3, 3)]
+    assert int(state.step) == 3 and set(metrics) >= {'test_accuracy', 'train_loss'}
+    # Started again: restored at the end, nothing left to train.
+    _, params, batch_stats = train.split_model(_model(config))
+    train.train_phase('phase', train.create_train_state(params, batch_stats, tx), **kwargs)
+    assert calls[4:] == [('resume', 3)]
+
+
+# ml_collections loads config files with the deprecated `load_module`.
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_digits_end_to_end_through_the_command_line(tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  argv = [
+      'main',
+      '--config=configs/digits.py',
+      '--config.num_epochs=2',
+      '--config.progress_bar=False',
+      f'--config.data_dir={tmp_path / "data"}',
+      f'--workdir={workdir}',
+  ]
+  monkeypatch.setattr(sys, 'argv', argv)  # Where config_flags reads `--config.*` overrides.
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    main_lib.main(flags.FLAGS(argv))
+  final = _records(workdir)[-1]
+  assert final['epoch'] == 2 and final['test_accuracy'] > 0.85, final
+  assert digits_config.get_config().num_epochs == 10  # The flag overrode a copy.
