@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(PY) -m train.main --config=configs/digits.py --workdir=$(WORKDIR)
+	$(PY) -m train.main --config=configs/digits_dpm.py --workdir=$(WORKDIR)
 
 test: install-test
 	$(PY) -m pytest -n 2 tests

@@ -52,4 +52,34 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_max_to_keep = 2  # Checkpoints kept per phase (older ones are deleted).
   config.progress_bar = True  # Show a tqdm progress bar per epoch.
 
+  # Pruning (off by default): after the dense 'pretrain' phase, a 'prune' phase trains with
+  # dpm_jax.prune, then the pruning is made final, channels are removed by surgery, and the
+  # smaller network is fine-tuned ('finetune'), exported and reported (report.md).
+  config.pruning = pruning = ml_collections.ConfigDict()
+  pruning.enabled = False
+  pruning.method = 'depgraph'  # A preset in dpm_jax.recipes: 'depgraph' or 'magnitude'.
+  pruning.criterion = ''  # Override the preset's criterion ('l1', 'l2', 'group_l2'); '' keeps it.
+  pruning.allocation = ''  # Override the preset's allocation ('global', 'uniform'); '' keeps it.
+  pruning.removal = 'dpm'  # 'hard' (base method), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
+  pruning.target_flops = 0.5  # Fraction of the dense network's FLOPs that remains.
+  pruning.min_channels = 1  # Never leave a group with fewer channels than this...
+  pruning.min_fraction = 0.0  # ... or than this fraction of its channels.
+  pruning.epochs = 20.0  # Length of the prune phase, in epochs.
+  pruning.start_epoch = 0.0  # First pruning event, in epochs from the start of the phase.
+  pruning.end_epoch = 10.0  # Last pruning event (== start_epoch: one-shot).
+  pruning.num_events = 5  # Pruning events from start_epoch to end_epoch, each a step down in FLOPs.
+  pruning.decay_steps = 400  # DPM's N: optimizer steps a selected channel takes to reach zero.
+  pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
+  pruning.len_threshold = 1.0  # ... and (logic) the relative gradient norm EMA exceeds this (T_len).
+  pruning.logic = 'and'  # 'and' or 'or' of the two self-rectifying tests.
+  pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs.
+  pruning.min_decay_steps = 10  # Decay steps before a channel may be released.
+  pruning.cooldown = 400  # Steps after a release before the channel may be selected again.
+  pruning.learning_rate = 0.01  # Peak learning rate of the prune phase.
+  pruning.lr_schedule = 'constant'  # Its schedule ('constant', 'cosine', 'piecewise').
+  pruning.record_every_steps = 5  # Record channel norms for the report's decay plot this often.
+  pruning.finetune_epochs = 100.0  # Fine-tuning of the pruned network after surgery.
+  pruning.finetune_learning_rate = 0.01  # Its peak learning rate...
+  pruning.finetune_lr_schedule = 'cosine'  # ... and schedule.
+
   return config

@@ -1,0 +1,238 @@
+"""The pruning phases of a run: prune-train, finalize, surgery, fine-tune, export, report.
+
+Called by `train.train.train_and_evaluate` after the dense 'pretrain' phase when
+`config.pruning.enabled`. Every training phase checkpoints into `workdir/<phase>`; finalize
+and surgery are recomputed from the last prune checkpoint (they are deterministic and take
+well under a second), so a killed run resumes where it stopped and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+import dpm_jax
+from dpm_jax import channels
+from dpm_jax import checkpoint
+from dpm_jax import recipes
+from dpm_jax import report
+from train import train as train_lib
+
+METHODS = {"depgraph": recipes.depgraph, "magnitude": recipes.magnitude}
+TRAJECTORIES = "trajectories.npz"
+
+
+def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> recipes.Recipe:
+  """The `Recipe` of `config.pruning` (epochs converted to optimizer steps)."""
+  if pc.method not in METHODS:
+    raise ValueError(f"Unknown config.pruning.method {pc.method!r}; valid choices: "
+                     f"{', '.join(sorted(METHODS))}.")
+  overrides = dict(
+      target_flops=pc.target_flops, removal=pc.removal,
+      start_step=round(pc.start_epoch * steps_per_epoch),
+      end_step=round(pc.end_epoch * steps_per_epoch), num_events=pc.num_events,
+      decay_steps=pc.decay_steps, rate_threshold=pc.rate_threshold,
+      len_threshold=pc.len_threshold, ema_decay=pc.ema_decay, logic=pc.logic,
+      min_decay_steps=pc.min_decay_steps, cooldown=pc.cooldown,
+      min_channels=pc.min_channels, min_fraction=pc.min_fraction)
+  for field in ("criterion", "allocation"):
+    if pc.get(field):
+      overrides[field] = pc[field]
+  return METHODS[pc.method](**overrides)
+
+
+def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  """Raises ValueError for a pruning config that cannot work, before any training."""
+  pc = config.pruning
+  recipe = recipe_from_config(pc, steps_per_epoch)  # validates every recipe field
+  prune_steps = round(pc.epochs * steps_per_epoch)
+  if recipe.last_step >= prune_steps:
+    raise ValueError(
+        f"config.pruning.epochs={pc.epochs} ({prune_steps} steps) is too short: the last "
+        f"pruning event is at step {recipe.end_step} and its channels need "
+        f"{0 if recipe.removal == 'hard' else recipe.decay_steps} more steps to decay. "
+        "Lengthen the phase, move end_epoch earlier or shorten decay_steps.")
+  if pc.finetune_epochs < 0:
+    raise ValueError(f"config.pruning.finetune_epochs must be >= 0, got {pc.finetune_epochs}.")
+
+
+def phase_config(config: ml_collections.ConfigDict, *, learning_rate: float, epochs: float,
+                 lr_schedule: str) -> ml_collections.ConfigDict:
+  """`config` with the optimisation settings of one phase."""
+  c = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  c.learning_rate, c.num_epochs, c.lr_schedule = learning_rate, epochs, lr_schedule
+  c.warmup_epochs = 0.0
+  return c
+
+
+class TrajectoryRecorder:
+  """Records every channel's norm and status every `every` steps of the prune phase."""
+
+  def __init__(self, index: channels.ChannelIndex, every: int, path: epath.Path):
+    self.every, self.path = every, path
+    self._norms = jax.jit(lambda p: jnp.sqrt(channels.sq_norms(index, p)))
+    self.steps, self.norms, self.status = [], [], []
+    self.last = None
+
+  def resume(self, step: int) -> None:
+    """Keeps what an interrupted run recorded up to `step`."""
+    if self.path.exists():
+      old = report.Trajectories.load(self.path)
+      keep = old.steps <= step
+      self.steps = list(old.steps[keep])
+      self.norms = list(old.norms[keep])
+      self.status = list(old.status[keep])
+
+  def __call__(self, step: int, state: train_lib.TrainState) -> None:
+    if step % self.every:
+      return
+    ps = dpm_jax.prune_state(state.opt_state)
+    self.steps.append(step)
+    self.norms.append(np.asarray(self._norms(state.params)))
+    self.status.append(np.asarray(ps.status))
+    self.last = ps
+
+  def trajectories(self, ps) -> report.Trajectories:
+    return report.Trajectories(np.asarray(self.steps), np.asarray(self.norms),
+                               np.asarray(self.status), np.asarray(ps.released),
+                               np.asarray(ps.released_at))
+
+  def save(self, ps) -> report.Trajectories:
+    traj = self.trajectories(ps)
+    traj.save(self.path)
+    return traj
+
+
+def _model(graphdef, params, batch_stats) -> nnx.Module:
+  return nnx.merge(graphdef, params, batch_stats, copy=True)
+
+
+def _sample_batch(config) -> dict[str, Any]:
+  return next(iter(train_lib.eval_batches(config)))
+
+
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib.TrainState,
+        *, graphdefs: train_lib.GraphDefs, steps_per_epoch: int,
+        writer: train_lib.MetricsWriter, dense_metrics: Mapping[str, float]) -> dict[str, Any]:
+  """Prune-train, finalize, surgery, fine-tune, evaluate, export and report.
+
+  Args:
+    config: the run's config (`config.pruning` holds the pruning settings).
+    workdir: the run directory.
+    state: the pretrained dense state (its params and batch statistics are used).
+    graphdefs: the dense model's graph definitions.
+    steps_per_epoch: optimizer steps per epoch.
+    writer: the metrics writer.
+    dense_metrics: the dense model's test metrics.
+
+  Returns:
+    The final metrics, with the pruned network's FLOPs and params ratios.
+  """
+  pc = config.pruning
+  recipe = recipe_from_config(pc, steps_per_epoch)
+  sample = _sample_batch(config)
+  image = jnp.asarray(sample["image"][:1])
+  dense_model = _model(graphdefs.eval, state.params, state.batch_stats)
+  spec = dpm_jax.trace_groups(dense_model, image)
+  logging.info("Channel groups:\n%s", spec)
+  dense_arch = dense_model.arch()
+
+  # Prune-train: the recipe runs inside the optimizer.
+  prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
+                           lr_schedule=pc.lr_schedule)
+  inner = train_lib.create_optimizer(prune_cfg, steps_per_epoch)
+  tx = dpm_jax.prune(inner, spec, recipe)
+  prune_state0 = train_lib.create_train_state(state.params, state.batch_stats, tx)
+  recorder = TrajectoryRecorder(channels.ChannelIndex.build(spec), pc.record_every_steps,
+                                workdir / "prune" / TRAJECTORIES)
+  start = time.perf_counter()
+  pruned, prune_metrics = train_lib.train_phase(
+      "prune", prune_state0, graphdefs=graphdefs, tx=tx,
+      num_steps=round(pc.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+      config=config, workdir=workdir, arch=dense_arch, writer=writer,
+      learning_rate_fn=train_lib.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
+      step_callback=recorder, on_resume=recorder.resume)
+  ps = dpm_jax.prune_state(pruned.opt_state)
+  traj = recorder.save(ps)
+
+  # Finalize (every selected channel exactly zero), then surgery.
+  params, keep = dpm_jax.finalize(pruned.params, pruned.opt_state, spec)
+  full = _model(graphdefs.eval, params, pruned.batch_stats)
+  small = dpm_jax.remove_channels(full, spec, keep)
+  small.eval()
+  surgery_diff = float(jnp.max(jnp.abs(full(jnp.asarray(sample["image"]))
+                                       - small(jnp.asarray(sample["image"])))))
+  logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
+               surgery_diff)
+  small_graphdefs, small_params, small_stats = train_lib.split_model(small)
+  eval_fn = train_lib.make_eval_step(small_graphdefs.eval)
+  after_surgery = train_lib.evaluate(eval_fn, small_params, small_stats,
+                                     train_lib.eval_batches(config))
+
+  # Fine-tune the smaller network.
+  finetune_metrics = {"test_accuracy": after_surgery["accuracy"],
+                      "test_loss": after_surgery["loss"]}
+  final_params, final_stats = small_params, small_stats
+  if pc.finetune_epochs > 0:
+    ft_cfg = phase_config(config, learning_rate=pc.finetune_learning_rate,
+                          epochs=pc.finetune_epochs, lr_schedule=pc.finetune_lr_schedule)
+    ft_tx = train_lib.create_optimizer(ft_cfg, steps_per_epoch)
+    ft_state = train_lib.create_train_state(small_params, small_stats, ft_tx)
+    ft_state, finetune_metrics = train_lib.train_phase(
+        "finetune", ft_state, graphdefs=small_graphdefs, tx=ft_tx,
+        num_steps=round(pc.finetune_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+        config=config, workdir=workdir, arch=small.arch(), writer=writer,
+        learning_rate_fn=train_lib.create_learning_rate_schedule(ft_cfg, steps_per_epoch))
+    final_params, final_stats = ft_state.params, ft_state.batch_stats
+  elapsed = time.perf_counter() - start
+
+  # Export: the pruned model's weights and architecture, loadable without the pruning code.
+  export_dir = workdir / "export"
+  checkpoint.export_model(export_dir, small.arch(), final_params, final_stats)
+
+  dense_cost, pruned_cost = dpm_jax.spec_cost(spec), dpm_jax.spec_cost(spec, keep)
+  result = {
+      "test_accuracy": finetune_metrics["test_accuracy"],
+      "test_loss": finetune_metrics["test_loss"],
+      "dense_test_accuracy": dense_metrics["test_accuracy"],
+      "prune_test_accuracy": prune_metrics["test_accuracy"],
+      "surgery_test_accuracy": after_surgery["accuracy"],
+      "flops_ratio": pruned_cost.macs / dense_cost.macs,
+      "params_ratio": pruned_cost.params / dense_cost.params,
+      "surgery_max_abs_diff": surgery_diff,
+      "released_channels": int((np.asarray(ps.released) > 0).sum()),
+      "releases": int(np.asarray(ps.released).sum()),
+  }
+  writer.write({"phase": "result", **result})
+  (workdir / "result.json").write_text(json.dumps(result, indent=2))
+  summary = {
+      "model": f"{config.model} on {config.dataset}",
+      "recipe": f"{pc.method}, removal={recipe.removal}, criterion={recipe.criterion}, "
+                f"allocation={recipe.allocation}, target_flops={recipe.target_flops}, "
+                f"{recipe.num_events} events, decay_steps={recipe.decay_steps}",
+      "test accuracy": f"dense {result['dense_test_accuracy']:.4f} -> after pruning "
+                       f"{result['prune_test_accuracy']:.4f} -> after surgery "
+                       f"{result['surgery_test_accuracy']:.4f} -> fine-tuned "
+                       f"{result['test_accuracy']:.4f}",
+      "surgery": f"exact to {surgery_diff:.2e} (max abs output difference, test batch)",
+      "self-rectifying": f"{result['released_channels']} channels released "
+                         f"({result['releases']} releases)",
+      "pruning + fine-tuning wall time": f"{elapsed:.1f} s",
+      "exported to": f"{export_dir}",
+  }
+  path = report.write_report(os.fspath(workdir), spec, keep,
+                             title=f"Pruning report: {config.model} on {config.dataset}",
+                             summary=summary, trajectories=traj)
+  logging.info("Report: %s", path)
+  return result
