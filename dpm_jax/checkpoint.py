@@ -42,11 +42,12 @@ def create_manager(
   """Returns a `CheckpointManager` for `directory` (created if missing).
 
   Args:
-    directory: where step directories are written.
+    directory: where step directories are written (a relative path is made absolute, as
+      orbax requires).
     max_to_keep: keep only this many most recent checkpoints (None: all).
     save_interval_steps: `save` without `force` writes only at multiples of it.
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(os.path.abspath(os.fspath(directory)))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
   )
@@ -181,7 +182,7 @@ def load_model(directory: str | os.PathLike[str], *, step: int | None = None) ->
   Returns:
     The model, in eval mode, with its arrays on the first local device.
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(os.path.abspath(os.fspath(directory)))
   arch = load_arch(directory)
   abstract_model = nnx.eval_shape(lambda: models.from_arch(arch, rngs=nnx.Rngs(0)))
   graphdef, params, batch_stats, rest = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
