@@ -176,13 +176,34 @@ class GroupSpec:
     return self._shape_table[path]
 
   def without(self, *paths: Path) -> GroupSpec:
-    """A spec without the groups that touch any of ``paths`` (declares them unprunable)."""
+    """A spec without the groups that touch any of ``paths`` (declares them unprunable).
+
+    Their channels become fixed entries of the layers' dimensions, so FLOP counts stay right.
+    """
     drop = {tuple(p) for p in paths}
-    kept = tuple(g for g in self.groups if not any(m.path in drop for m in g.members))
-    return dataclasses.replace(self, groups=kept)
+    kept = [i for i, g in enumerate(self.groups)
+            if not any(m.path in drop for m in g.members)]
+    renumber = {old: new for new, old in enumerate(kept)}
+
+    def dim(d: Dim) -> Dim:
+      fixed, terms = d.fixed, []
+      for t in d.terms:
+        if t.group in renumber:
+          terms.append(t._replace(group=renumber[t.group]))
+        else:
+          count = self.groups[t.group].size if t.channels is None else len(t.channels)
+          fixed += t.multiplicity * count
+      return Dim(fixed, tuple(terms))
+
+    layers = tuple(l._replace(dims=tuple(dim(d) for d in l.dims)) for l in self.layers)
+    return dataclasses.replace(self, groups=tuple(self.groups[i] for i in kept), layers=layers)
 
   def with_groups(self, *groups: Group) -> GroupSpec:
-    """A spec with hand-declared ``groups`` added (for ops the tracer cannot read)."""
+    """A spec with hand-declared ``groups`` added (for ops the tracer cannot read).
+
+    The traced layer costs do not know hand-declared groups: FLOP counts treat their
+    channels as unprunable.
+    """
     known = dict(self.shapes)
     for g in groups:
       for m in g.members:
@@ -667,8 +688,8 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       outs = _freeze_rule(tr, eqn, ins, origins)
       outs = outs if isinstance(outs, list) else [outs]
     else:
-      involved = sorted({"/".join(p) for v, p in param_vars.items()} &
-                        {"/".join(o[0]) for o in origins if o is not None})
+      involved = sorted({"/".join(o[0]) for o in origins if o is not None}
+                        | _params_reaching(tr, ins))
       raise UnsupportedPrimitiveError(
           f"Cannot trace channel groups through primitive '{name}' "
           f"(operand shapes {[tuple(getattr(v.aval, 'shape', ())) for v in eqn.invars]}"
@@ -683,6 +704,16 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       origin[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
   return ([read(v) for v in jaxpr.outvars],
           [None if isinstance(v, jcore.Literal) else origin.get(v) for v in jaxpr.outvars])
+
+
+def _params_reaching(tr: _Trace, ins: list[Labels]) -> set[str]:
+  """The parameters whose channels an op's operands carry (for error messages)."""
+  carried = [l for labels in ins for l in labels if l is not None]
+  if not carried:
+    return set()
+  carried = np.setdiff1d(np.concatenate(carried), [_FIXED])
+  return {"/".join(path) for path, labels in tr.param_labels.items()
+          if any(l is not None and np.isin(l, carried).any() for l in labels)}
 
 
 def _freeze_rule(tr, eqn, ins, origins):
@@ -895,7 +926,7 @@ def trace_groups_fn(apply_fn: Callable[..., Any], variables: Any, *example_input
     >>> v = {'w1': jnp.zeros((4, 16)), 'b1': jnp.zeros(16), 'w2': jnp.zeros((16, 3))}
     >>> spec = trace_groups_fn(mlp, v, jnp.zeros((2, 4)))
     >>> [(m.path, m.axis, m.role) for m in spec.groups[0].members]
-    [(('b1',), 0, 'producer'), (('w1',), 1, 'producer'), (('w2',), 0, 'consumer')]
+    [(('w1',), 1, 'producer'), (('b1',), 0, 'producer'), (('w2',), 0, 'consumer')]
   """
   return _trace(apply_fn, variables, example_inputs, is_statistic=is_statistic,
                 rules=rules, on_unknown=on_unknown)
@@ -915,10 +946,10 @@ def nnx_apply(model) -> tuple[Callable[..., Any], Any, Callable[[Path], bool],
   eval_model = nnx.merge(graphdef, state)
   eval_model.eval()
   eval_graphdef, eval_state = nnx.split(eval_model)
-  variables = eval_state.to_pure_dict()
-  stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+  variables = nnx.to_pure_dict(eval_state)
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   stat_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(stats)[0]}
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   param_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
 
   def apply_fn(pure, *inputs):
@@ -935,7 +966,7 @@ def trace_groups(model, *example_inputs: Any,
   """Finds the coupled channel groups of an NNX module (traced in eval mode).
 
   Member paths are the module's attribute paths, e.g. ``('blocks', '0', 'conv1', 'kernel')``,
-  as in ``nnx.state(model).to_pure_dict()``; ``nnx.BatchStat`` variables are statistics.
+  as in ``nnx.to_pure_dict(nnx.state(model))``; ``nnx.BatchStat`` variables are statistics.
   See ``trace_groups_fn`` for the arguments.
 
   Example:

@@ -88,7 +88,7 @@ def _host(fn):
     if isinstance(x, jax.core.Tracer):
       return fn(jnp, x, *args)
     out = fn(np, np.asarray(x), *args)
-    return out if isinstance(x, np.ndarray) else jnp.asarray(out)
+    return out if isinstance(x, np.ndarray) else jax.device_put(out)
 
   return apply
 
@@ -111,7 +111,23 @@ def _zero(xp, x, slices: list[tuple[int, np.ndarray]]):
   return x
 
 
+def _leaf_path(key_path) -> Path:
+  """A leaf's path as in the spec; an ``nnx.Variable``'s own ``value`` key is dropped.
+
+  Optax states built from an ``nnx.State`` (``tx.init(nnx.state(model, nnx.Param))``) hold
+  Variables, whose leaves sit one key below the parameter path.
+  """
+  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and (
+      key_path[-1].name == "value"):
+    key_path = key_path[:-1]
+  return path_str(key_path)
+
+
 def _check_shape(path: Path, x, spec_shapes: dict) -> None:
+  if spec_shapes and path not in spec_shapes:
+    raise ValueError(f"Variable {'/'.join(path)} is not among the variables the spec was "
+                     "traced with: the spec does not match these variables. Trace the spec "
+                     "from this model (and pass prefix= for a sub-tree such as 'params').")
   want = spec_shapes.get(path)
   if want is not None and tuple(np.shape(x)) != tuple(want):
     raise ValueError(f"Variable {'/'.join(path)} has shape {tuple(np.shape(x))} but the spec "
@@ -133,6 +149,10 @@ def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
 
   Returns:
     The same tree structure with smaller leaves.
+
+  Raises:
+    ValueError: bad keep masks, or a leaf the spec was not traced with (another model, or a
+      sub-tree without its ``prefix``) or of another shape.
   """
   indices = kept_indices(spec, keep)
   by_path: dict[Path, dict[int, np.ndarray]] = {}
@@ -141,7 +161,7 @@ def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
   shapes = dict(spec.shapes)
 
   def slice_leaf(key_path, x):
-    path = tuple(prefix) + path_str(key_path)
+    path = tuple(prefix) + _leaf_path(key_path)
     _check_shape(path, x, shapes)
     return _take(x, by_path[path]) if path in by_path else x
 
@@ -171,7 +191,7 @@ def remove_channels_opt_state(opt_state: Any, spec: GroupSpec, keep: Sequence[An
       by_suffix.setdefault(path[n:], {})[axis] = idx
 
   def slice_leaf(key_path, x):
-    path = path_str(key_path)
+    path = _leaf_path(key_path)
     for k in range(len(path)):
       suffix = path[k:]
       if suffix in by_suffix and tuple(np.shape(x)) == tuple(shapes[tuple(prefix) + suffix]):
@@ -198,7 +218,7 @@ def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
         zero.setdefault(m.path, []).append((m.axis, m.indices()[~k].ravel()))
 
   def zero_leaf(key_path, x):
-    path = tuple(prefix) + path_str(key_path)
+    path = tuple(prefix) + _leaf_path(key_path)
     return _zero(x, zero[path]) if path in zero else x
 
   return jax.tree_util.tree_map_with_path(zero_leaf, variables)
@@ -261,7 +281,13 @@ def remove_channels(model, spec: GroupSpec, keep: Sequence[Any]):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   graphdef, state = nnx.split(model)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
+  have = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(pure)[0]}
+  missing = sorted("/".join(p) for p, _ in spec.shapes if p not in have)
+  if missing:
+    raise ValueError(f"The spec was traced with variables this model does not have "
+                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it "
+                     "does not match this model. Trace the spec from this model.")
   sliced = remove_channels_fn(pure, spec, keep)
   new_state = jax.tree.map(lambda x: x, state)
   nnx.replace_by_pure_dict(new_state, sliced)

@@ -1,0 +1,90 @@
+"""End-to-end pruning runs: pretrain, prune with DPM, finalize, surgery, fine-tune, report."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_dpm
+from dpm_jax import checkpoint
+from dpm_jax import data
+from train import pruning
+from train import train
+
+
+def _config(tmp_path, **pruning_overrides):
+  """A short digits run: 2 pretrain epochs, 4 prune epochs, 1 fine-tune epoch."""
+  config = digits_dpm.get_config()
+  config.data_dir = str(tmp_path / 'data')
+  config.num_epochs = 2
+  config.progress_bar = False
+  config.log_every_steps = 1000
+  p = config.pruning
+  p.epochs = 4.0
+  p.end_epoch = 2.0
+  p.num_events = 3
+  p.decay_steps = 20
+  p.min_decay_steps = 2
+  p.cooldown = 20
+  p.finetune_epochs = 1.0
+  p.update(pruning_overrides)
+  return config
+
+
+@pytest.mark.parametrize('removal', ['dpm', 'hard'])
+def test_pruning_run_meets_target_and_writes_report(tmp_path, removal):
+  config = _config(tmp_path, removal=removal)
+  workdir = tmp_path / 'run'
+  result = train.train_and_evaluate(config, workdir)
+
+  assert abs(result['flops_ratio'] - 0.5) <= 0.01
+  assert result['params_ratio'] < 1.0
+  assert result['surgery_max_abs_diff'] < 1e-4
+  assert result['test_accuracy'] > 0.85
+  assert json.loads((workdir / 'result.json').read_text())['flops_ratio'] == result['flops_ratio']
+  report = (workdir / 'report.md').read_text()
+  assert '| # | group | channels before | after |' in report
+  for png in ('widths.png', 'decay.png'):
+    assert (workdir / png).read_bytes()[:4] == b'\x89PNG'
+  phases = {json.loads(l)['phase'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()}
+  assert {'pretrain', 'prune', 'finetune', 'result'} <= phases
+
+  # The exported model loads without the pruning code and is the smaller network.
+  small = checkpoint.load_model(workdir / 'export')
+  arch = small.arch()
+  assert arch['conv_widths'] != [32, 64]
+  batch = next(data.eval_iterator('digits', batch_size=360, data_dir=config.data_dir))
+  accuracy = np.mean(np.asarray(small(jnp.asarray(batch['image'])).argmax(-1))
+                     == batch['label'])
+  assert accuracy == pytest.approx(result['test_accuracy'], abs=1e-6)
+
+
+def test_finished_run_resumes_to_the_same_result(tmp_path):
+  config = _config(tmp_path, finetune_epochs=0.0)
+  workdir = tmp_path / 'run'
+  first = train.train_and_evaluate(config, workdir)
+  again = train.train_and_evaluate(config, workdir)  # every phase restores its checkpoint
+  assert again['flops_ratio'] == first['flops_ratio']
+  assert again['test_accuracy'] == first['test_accuracy']
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(epochs=1.0), 'too short'),
+    (dict(method='otov9'), 'config.pruning.method'),
+    (dict(decay_steps=0), 'decay_steps'),
+    (dict(target_flops=1.5), 'target_flops'),
+    (dict(removal='soft-ish'), 'removal'),
+])
+def test_bad_pruning_config_fails_before_training(tmp_path, overrides, message):
+  config = _config(tmp_path, **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'pretrain').exists()
+
+
+def test_recipe_from_config_converts_epochs_to_steps():
+  config = digits_dpm.get_config()
+  recipe = pruning.recipe_from_config(config.pruning, steps_per_epoch=44)
+  assert recipe.start_step == 0 and recipe.end_step == 4 * 44
+  assert recipe.removal == 'dpm' and recipe.decay_steps == 44
