@@ -139,12 +139,16 @@ def _group_counts(seg: jax.Array, mask: jax.Array, num_groups: int) -> jax.Array
 
 def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
                   removed: jax.Array, target_macs: jax.Array,
-                  minimum: jax.Array) -> jax.Array:
+                  minimum: jax.Array, tolerance_macs: jax.Array | float = 0.0,
+                  swap_tries: int = 8) -> jax.Array:
   """Removes the least important candidates, across groups, until MACs <= ``target_macs``.
 
   Channels go in order of importance until the target is met; then the most important of
   the channels just taken are given back, one by one, while the target still holds, so
-  the MACs land just under the target rather than up to one channel's cost below it.
+  the MACs land just under the target rather than up to one channel's cost below it; last,
+  while the MACs are more than ``tolerance_macs`` under the target, up to ``swap_tries`` of
+  the most important taken channels may each be swapped for the least important cheaper
+  candidate that lands closer to it (importance traded for precision, within the guard).
 
   Args:
     model: the FLOPs model.
@@ -153,6 +157,8 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     removed: ``[K]`` channels already selected (they count as gone).
     target_macs: the MACs to reach.
     minimum: ``[G]`` fewest channels to leave per group.
+    tolerance_macs: how far under the target is close enough (no swaps).
+    swap_tries: how many taken channels may be swapped.
 
   Returns:
     ``[K]`` the new selection (``removed`` plus the channels chosen now). When the target
@@ -192,7 +198,29 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     return take.at[c].set(take[c] & ~ok), jnp.where(ok, more, dims)
 
   dims_n = dims[:, jnp.minimum(n, dims.shape[1] - 1)]
-  take, _ = jax.lax.fori_loop(0, order.shape[0], give_back, (take, dims_n))
+  take, dims_now = jax.lax.fori_loop(0, order.shape[0], give_back, (take, dims_n))
+
+  # Still short of the target by more than `tolerance_macs` but by less than any taken
+  # channel's cost: swap one of the most important taken channels for the least important
+  # cheaper candidate that lands closer to the target (the guard still holds).
+  def swap(i, carry):
+    take, dims_now = carry
+    c = back[i]
+    gone = removed | take
+    counts = _group_counts(seg, ~gone, num_groups).at[seg[c]].add(1)
+    returned = dims_now + weights[:, c]                               # [D]
+    options = returned[:, None] - weights                             # [D, K]
+    macs_now = model._macs_from_dims(dims_now)
+    macs = model._macs_from_dims(options)                             # [K]
+    fits = (candidates & ~gone & (counts[seg] - 1 >= minimum[seg])
+            & (macs <= target_macs) & (macs > macs_now))
+    d = jnp.argmin(jnp.where(fits, scores, jnp.inf))
+    ok = take[c] & fits[d] & (target_macs - macs_now > tolerance_macs)
+    take = take.at[c].set(take[c] & ~ok)
+    take = take.at[d].set(take[d] | ok)
+    return take, jnp.where(ok, options[:, d], dims_now)
+
+  take, _ = jax.lax.fori_loop(0, min(swap_tries, order.shape[0]), swap, (take, dims_now))
   return removed | take
 
 

@@ -41,7 +41,13 @@ def score(criterion: str, index: channels.ChannelIndex, params: Any) -> jax.Arra
   raise ValueError(f"Unknown criterion {criterion!r}; choose l1, l2 or group_l2.")
 
 
-def normalize(index: channels.ChannelIndex, scores: jax.Array) -> jax.Array:
-  """Scores divided by their group's mean, so groups of different scale compare (DepGraph)."""
-  mean = channels.segment_mean(index, scores, jnp.ones_like(scores, bool))
+def normalize(index: channels.ChannelIndex, scores: jax.Array,
+              where: jax.Array | None = None) -> jax.Array:
+  """Scores divided by their group's mean, so groups of different scale compare (DepGraph).
+
+  The mean is over the channels in ``where`` (default: all): pass the kept channels, as
+  DepGraph's removed channels are gone from the layer it normalises over.
+  """
+  where = jnp.ones_like(scores, bool) if where is None else where
+  mean = channels.segment_mean(index, scores, where)
   return scores / jnp.maximum(mean, 1e-12)

@@ -40,6 +40,11 @@ class Recipe:
       halves the MACs). Counted from the traced layers (``dpm_jax.spec_cost``).
     min_channels: the allocation never leaves a group with fewer channels than this.
     min_fraction: ... nor with fewer than this fraction of its channels (rounded up).
+    flops_tolerance: ``global`` allocation lands at most this fraction of the dense FLOPs
+      under an event's target when it can: once the least important channels meet the
+      target, it gives back channels and, while still further under than this, swaps a
+      taken channel for a cheaper one that lands closer (our choice; DepGraph stops at the
+      first channel that meets the target).
     start_step: optimizer step of the first pruning event.
     end_step: step of the last pruning event (``== start_step``: one-shot).
     num_events: pruning events from ``start_step`` to ``end_step`` inclusive; event ``i``
@@ -63,6 +68,7 @@ class Recipe:
   target_flops: float = 0.5
   min_channels: int = 1
   min_fraction: float = 0.0
+  flops_tolerance: float = 0.005
   start_step: int = 0
   end_step: int = 0
   num_events: int = 1
@@ -91,6 +97,8 @@ class Recipe:
       fail(f"min_channels={self.min_channels} must be at least 1 (a group may not be emptied).")
     if not 0.0 <= self.min_fraction < 1.0:
       fail(f"min_fraction={self.min_fraction} must be in [0, 1).")
+    if not 0.0 <= self.flops_tolerance < 1.0:
+      fail(f"flops_tolerance={self.flops_tolerance} must be in [0, 1).")
     if self.start_step < 0 or self.end_step < self.start_step:
       fail(f"need 0 <= start_step <= end_step, got start_step={self.start_step}, "
            f"end_step={self.end_step}.")
@@ -140,8 +148,11 @@ class Recipe:
 
 def depgraph(target_flops: float = 0.5, removal: str = "hard", **overrides: Any) -> Recipe:
   """DepGraph (Fang et al. 2023): group-L2 importance over every coupled slice, ranked
-  globally, removed iteratively. ``removal='dpm_sp'|'dpm'`` gives DPM's +SP / +SR."""
-  kw = dict(criterion="group_l2", allocation="global", num_events=5)
+  globally, removed iteratively (5 events from ``start_step`` to ``end_step``; one-shot
+  when they are equal). ``removal='dpm_sp'|'dpm'`` gives DPM's +SP / +SR."""
+  kw = dict(criterion="group_l2", allocation="global")
+  if overrides.get("end_step", 0) > overrides.get("start_step", 0):
+    kw["num_events"] = 5
   kw.update(overrides)
   return Recipe(target_flops=target_flops, removal=removal, **kw)
 

@@ -3,12 +3,13 @@
 ``prune(inner, spec, recipe)`` wraps an inner optax optimizer. Its state holds the inner state
 and the ``PruneState``. Each step it
 
-1. selects channels at the recipe's events (and to replace released channels), from the
-   parameters before the step;
+1. selects channels at the recipe's events, from the parameters before the step;
 2. runs the inner optimizer, giving ``x~ = x + u``;
 3. for ``removal='dpm'``, updates the gradient history and releases decaying channels that
    pass the self-rectifying test;
 4. rescales decaying channels onto their decayed norm and holds pruned channels at zero;
+5. selects replacements for channels released this step, from the parameters after it, so
+   that the keep masks leaving every step meet the FLOPs target;
 
 and returns updates such that ``optax.apply_updates`` lands every parameter on its pruned or
 decayed value: there is no second call to remember. Every decision is taken on array values
@@ -37,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -109,8 +111,11 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
   dense = flops.dense_macs
   event_steps = np.asarray(recipe.event_steps, np.int32)
   event_macs = np.asarray(recipe.event_targets, np.float32) * np.float32(dense)
-  select_fn = (allocation.select_global if recipe.allocation == "global"
-               else allocation.select_uniform)
+  if recipe.allocation == "global":
+    select_fn = functools.partial(allocation.select_global,
+                                  tolerance_macs=recipe.flops_tolerance * dense)
+  else:
+    select_fn = allocation.select_uniform
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -122,8 +127,8 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     cooled = ps.count - ps.released_at >= recipe.cooldown
     candidates = (ps.status == state_lib.ACTIVE) & cooled
     removed = ~state_lib.flat_keep(ps)
-    selected = select_fn(flops, criteria.normalize(index, scores), candidates, removed,
-                         target, jnp.asarray(minimum))
+    normalized = criteria.normalize(index, scores, where=~removed)
+    selected = select_fn(flops, normalized, candidates, removed, target, jnp.asarray(minimum))
     norms = jnp.sqrt(channels.sq_norms(index, params))
     return state_lib.mark_selected(ps, selected, norms, hard=recipe.removal == "hard",
                                    scores=scores)
@@ -163,13 +168,17 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     ps = opt_state.prune_state
     passed = ps.count >= event_steps
     event = jnp.any(ps.count == event_steps)
-    refill = jnp.any(ps.released_at == ps.count - 1) & jnp.any(passed)
     target = jnp.asarray(event_macs)[jnp.maximum(jnp.sum(passed) - 1, 0)]
-    ps = jax.lax.cond(event | refill, select, lambda ps, *_: ps, ps, params, target)
+    ps = jax.lax.cond(event, select, lambda ps, *_: ps, ps, params, target)
     pruning = jnp.any(ps.status != state_lib.ACTIVE)
     new_updates, ps = jax.lax.cond(pruning, remove, lambda ps, p, g, u: (u, ps),
                                    ps, params, grads, inner_updates)
+    refill = jnp.any(ps.released_at == ps.count) & jnp.any(passed)
     ps = ps._replace(count=ps.count + 1)
+    # Replace channels released this step now, from the params they land on (the next
+    # step's), so that the keep masks leaving every step meet the target.
+    ps = jax.lax.cond(refill, lambda ps, p, u, t: select(ps, optax.apply_updates(p, u), t),
+                      lambda ps, *_: ps, ps, params, new_updates, target)
     return new_updates, PruneOptState(inner_st, ps)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -159,10 +159,13 @@ def test_check_reachable_without_groups():
 # select_global.
 
 
-def _reference_global(spec, scores, candidates, removed, target_macs, minimum):
+def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
+                      tolerance_macs=0.0, swap_tries=8):
   """The rule, in plain Python: least important candidate first; skip a channel whose
   group is at its minimum; stop as soon as the MACs meet the target; then give back the
-  most important channels just taken while the target still holds."""
+  most important channels just taken while the target still holds; then, while more than
+  the tolerance under the target, swap up to `swap_tries` of the most important taken
+  channels for the least important candidate that lands closer to the target."""
   seg = _seg(spec)
   keep = ~np.asarray(removed).copy()
   count = np.bincount(seg[keep], minlength=len(spec.sizes))
@@ -175,10 +178,31 @@ def _reference_global(spec, scores, candidates, removed, target_macs, minimum):
     keep[c] = False
     count[seg[c]] -= 1
     taken.append(c)
-  for c in sorted(taken, key=lambda c: -scores[c]):
+  by_importance = sorted(taken, key=lambda c: -scores[c])
+  for c in by_importance:
     keep[c] = True
     if _fast_macs(spec, keep) > target_macs:
       keep[c] = False
+  for c in by_importance[:swap_tries]:
+    now = _fast_macs(spec, keep)
+    if keep[c] or target_macs - now <= tolerance_macs:
+      continue
+    keep[c] = True
+    count = np.bincount(seg[keep], minlength=len(spec.sizes))
+    best = None
+    for d in np.argsort(np.where(candidates & keep, scores, np.inf), kind="stable"):
+      if not (candidates[d] and keep[d]) or count[seg[d]] - 1 < minimum[seg[d]]:
+        continue
+      keep[d] = False
+      macs = _fast_macs(spec, keep)
+      keep[d] = True
+      if now < macs <= target_macs:
+        best = d
+        break
+    if best is None:
+      keep[c] = False
+    else:
+      keep[best] = False
   return ~keep
 
 

@@ -1,0 +1,620 @@
+"""Tests for the pruning state: its pure functions, and DPM's smooth pruning and
+self-rectifying as the transform runs them.
+
+The unit tests use small hand-made arrays with hand-computed expectations. The transform
+tests feed hand-crafted gradients to ``dpm_jax.prune`` on a tiny MLP (one group of 8
+channels: ``w1`` column + ``b1`` entry produce a channel, the ``w2`` row consumes it) or on a
+tiny NNX conv + BatchNorm model, and check DPM's arithmetic step by step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dpm_jax
+from dpm_jax import recipes
+from dpm_jax import state
+from dpm_jax.state import ACTIVE, DECAYING, PRUNED
+
+# ----------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _state(sizes, **fields) -> state.PruneState:
+  """``state.init(sizes)`` with some fields replaced (numpy values are converted)."""
+  s = state.init(sizes)
+  fixed = {}
+  for name, value in fields.items():
+    dtype = getattr(s, name).dtype
+    fixed[name] = jnp.asarray(value, dtype)
+  return s._replace(**fixed)
+
+
+def _keep_lists(s: state.PruneState) -> list[list[bool]]:
+  return [np.asarray(k).tolist() for k in s.keep]
+
+
+def _mlp(v, x):
+  return jnp.maximum(x @ v["w1"] + v["b1"], 0) @ v["w2"]
+
+
+NUM_IN, WIDTH, NUM_OUT = 4, 8, 2
+
+
+def _mlp_params(small: dict[int, float], seed: int = 0) -> dict[str, jax.Array]:
+  """Random MLP params; channel ``c`` in ``small`` gets its producer slices scaled down so
+  that it is selected first (by the producers' L2 norm) in ascending order of the factor."""
+  rng = np.random.default_rng(seed)
+  w1 = rng.standard_normal((NUM_IN, WIDTH)).astype(np.float32)
+  b1 = 0.5 * rng.standard_normal(WIDTH).astype(np.float32)
+  # Make every channel's norm comfortably larger than the scaled ones.
+  norms = np.sqrt((w1**2).sum(0) + b1**2)
+  w1, b1 = w1 / norms * 2.0, b1 / norms * 2.0
+  for c, f in small.items():
+    w1[:, c] *= f
+    b1[c] *= f
+  w2 = rng.standard_normal((WIDTH, NUM_OUT)).astype(np.float32)
+  return {"w1": w1, "b1": b1, "w2": w2}
+
+
+@functools.cache
+def _mlp_spec() -> dpm_jax.GroupSpec:
+  return dpm_jax.trace_groups_fn(_mlp, _mlp_params({}), jnp.zeros((1, NUM_IN)))
+
+
+def _channel(params, c: int) -> np.ndarray:
+  """The producer vector of MLP channel ``c``: its ``w1`` column and ``b1`` entry."""
+  return np.concatenate([np.asarray(params["w1"][:, c]), np.asarray(params["b1"][c : c + 1])])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _make_step(tx):
+  """A jitted optimizer step on given gradients: ``(params, opt_state, grads)``."""
+
+  @jax.jit
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def _random_grads(params, seed: int):
+  """Standard normal numpy arrays shaped like ``params`` (numpy: no compiles)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.standard_normal(np.shape(x)).astype(x.dtype), params)
+
+
+# ----------------------------------------------------------------------------------------
+# init, flat_keep, mark_selected.
+
+
+def test_init_is_all_active():
+  s = state.init((3, 2))
+  assert s.status.dtype == jnp.int8
+  np.testing.assert_array_equal(s.status, np.zeros(5))
+  assert _keep_lists(s) == [[True] * 3, [True] * 2]
+  np.testing.assert_array_equal(s.ratio, [0.0, 0.0])
+  np.testing.assert_array_equal(s.released, np.zeros(5))
+  assert int(s.count) == 0
+  np.testing.assert_array_equal(state.flat_keep(s), np.ones(5, bool))
+
+
+def test_state_is_a_pytree_of_fixed_shapes():
+  s = state.init((3, 2))
+  doubled = jax.tree.map(lambda x: x, s)
+  assert isinstance(doubled, state.PruneState)
+  assert [x.shape for x in jax.tree.leaves(s)] == [x.shape for x in jax.tree.leaves(doubled)]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_mark_selected(hard):
+  s = _state((3, 2), status=[ACTIVE, ACTIVE, ACTIVE, ACTIVE, ACTIVE])
+  selected = np.array([False, True, True, False, True])
+  norms = np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
+  scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32)
+  out = state.mark_selected(s, selected, norms, hard=hard, scores=scores)
+  mark = PRUNED if hard else DECAYING
+  np.testing.assert_array_equal(out.status, [ACTIVE, mark, mark, ACTIVE, mark])
+  assert _keep_lists(out) == [[True, False, False], [True, False]]
+  np.testing.assert_allclose(out.ratio, [2 / 3, 1 / 2], rtol=1e-6)
+  np.testing.assert_array_equal(out.init_norm, [0.0, 2.0, 3.0, 0.0, 5.0])
+  np.testing.assert_array_equal(out.decay_step, np.zeros(5))
+  np.testing.assert_array_equal(out.importance, scores)
+
+
+def test_mark_selected_leaves_channels_already_selected_alone():
+  s = state.init((2, 2))
+  s = state.mark_selected(
+      s, np.array([True, True, False, False]), np.array([7.0, 8, 0, 0]), hard=False
+  )
+  s = s._replace(
+      decay_step=jnp.asarray([3, 0, 0, 0], jnp.int32),
+      rate_ema=jnp.asarray([0.5, 0, 0, 0], jnp.float32),
+  )
+  out = state.mark_selected(
+      s, np.array([True, False, True, False]), np.array([1.0, 1.0, 9.0, 1.0]), hard=False
+  )
+  # Channel 0 keeps decaying from where it was; channel 2 is new.
+  np.testing.assert_array_equal(out.status, [DECAYING, DECAYING, DECAYING, ACTIVE])
+  np.testing.assert_array_equal(out.decay_step, [3, 0, 0, 0])
+  np.testing.assert_array_equal(out.init_norm, [7.0, 8.0, 9.0, 0.0])
+  np.testing.assert_array_equal(out.rate_ema, [0.5, 0.0, 0.0, 0.0])
+  assert _keep_lists(out) == [[False, False], [False, True]]
+  np.testing.assert_allclose(out.ratio, [1.0, 0.5])
+
+
+def test_mark_selected_without_scores_keeps_importance():
+  s = _state((2,), importance=[3.0, 4.0])
+  out = state.mark_selected(s, np.array([True, False]), np.ones(2), hard=True)
+  np.testing.assert_array_equal(out.importance, [3.0, 4.0])
+
+
+# ----------------------------------------------------------------------------------------
+# decay_factors.
+
+
+def test_decay_factors_hand_computed():
+  # N = 4. ch0 active; ch1 decaying, n 0 -> 1, L_init 2; ch2 decaying n 3 -> 4 (= N);
+  # ch3 pruned; ch4 decaying with x~ = 0 (no NaN).
+  s = _state(
+      (5,),
+      status=[ACTIVE, DECAYING, DECAYING, PRUNED, DECAYING],
+      decay_step=[0, 0, 3, 4, 1],
+      init_norm=[9.0, 2.0, 4.0, 1.0, 3.0],
+  )
+  out, factor = state.decay_factors(s, jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4)
+  # ch1: target 2 * (4 - 1) / 4 = 1.5 over ||x~|| = 4.
+  np.testing.assert_allclose(factor, [1.0, 0.375, 0.0, 0.0, 0.0], rtol=1e-7)
+  np.testing.assert_array_equal(out.status, [ACTIVE, DECAYING, PRUNED, PRUNED, DECAYING])
+  np.testing.assert_array_equal(out.decay_step, [0, 1, 4, 4, 2])
+  assert np.all(np.isfinite(factor))
+  # The keep masks are not touched by decaying.
+  assert _keep_lists(out) == _keep_lists(s)
+
+
+@pytest.mark.parametrize("decay_steps", [1, 3, 5])
+def test_decay_factors_reach_zero_after_exactly_n_steps(decay_steps):
+  s = _state((1,), status=[DECAYING], init_norm=[2.0])
+  norm = 2.0
+  for n in range(1, decay_steps + 1):
+    s, factor = state.decay_factors(s, jnp.array([norm * 1.1]), decay_steps)
+    norm = float(norm * 1.1 * factor[0])
+    np.testing.assert_allclose(norm, 2.0 * (decay_steps - n) / decay_steps, atol=1e-6)
+    assert int(s.status[0]) == (PRUNED if n == decay_steps else DECAYING)
+  assert norm == 0.0
+  # Held at zero from then on.
+  s, factor = state.decay_factors(s, jnp.array([1.0]), decay_steps)
+  assert float(factor[0]) == 0.0 and int(s.status[0]) == PRUNED
+
+
+def test_decay_factors_jit():
+  s = _state((2,), status=[DECAYING, ACTIVE], init_norm=[1.0, 1.0])
+  fn = jax.jit(state.decay_factors, static_argnums=2)
+  out, factor = fn(s, jnp.array([1.0, 1.0]), 2)
+  np.testing.assert_allclose(factor, [0.5, 1.0])
+  assert isinstance(out, state.PruneState)
+
+
+# ----------------------------------------------------------------------------------------
+# update_gradient_history.
+
+
+def test_update_gradient_history_hand_computed():
+  # ch0 active, ch1 decaying (first step: the rate EMA starts at the rate), ch2 decaying
+  # (later step), ch3 pruned.
+  s = _state(
+      (4,),
+      status=[ACTIVE, DECAYING, DECAYING, PRUNED],
+      decay_step=[0, 0, 2, 5],
+      grad_norm_ema=[1.0, 2.0, 3.0, 4.0],
+      rate_ema=[0.7, 0.7, 0.5, 0.3],
+  )
+  out = state.update_gradient_history(
+      s, jnp.array([3.0, 4.0, 5.0, 6.0]), jnp.array([0.1, 0.2, -0.5, 0.9]), 0.75
+  )
+  np.testing.assert_allclose(
+      out.grad_norm_ema,
+      [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 4, 0.75 * 3 + 0.25 * 5, 0.75 * 4 + 0.25 * 6],
+      rtol=1e-6,
+  )
+  np.testing.assert_allclose(out.rate_ema, [0.7, 0.2, 0.75 * 0.5 + 0.25 * -0.5, 0.3], rtol=1e-6)
+  np.testing.assert_array_equal(out.status, s.status)
+
+
+def test_update_gradient_history_zero_decay_is_the_last_value():
+  s = _state(
+      (2,),
+      status=[DECAYING, ACTIVE],
+      decay_step=[3, 0],
+      rate_ema=[0.9, 0.0],
+      grad_norm_ema=[5.0, 5.0],
+  )
+  out = state.update_gradient_history(s, jnp.array([1.0, 2.0]), jnp.array([-0.2, 0.4]), 0.0)
+  np.testing.assert_allclose(out.grad_norm_ema, [1.0, 2.0])
+  np.testing.assert_allclose(out.rate_ema, [-0.2, 0.0])
+
+
+# ----------------------------------------------------------------------------------------
+# release.
+
+
+def _release_state():
+  # Group 0: ch0..ch3 decaying after 3 steps, with (rate, len) = (+, +), (+, -), (-, +),
+  # (-, -); ch4 active and ch5 pruned, both passing both tests (never released).
+  # Group 1: ch6 decaying after 1 step only, passing both tests.
+  s = state.init((6, 1))
+  s = state.mark_selected(s, np.array([1, 1, 1, 1, 0, 1, 1], bool), jnp.full(7, 2.0), hard=False)
+  return s._replace(
+      count=jnp.asarray(17, jnp.int32),
+      status=jnp.asarray([DECAYING] * 4 + [ACTIVE, PRUNED, DECAYING], jnp.int8),
+      decay_step=jnp.asarray([3, 3, 3, 3, 0, 5, 1], jnp.int32),
+      rate_ema=jnp.asarray([0.2, 0.2, -0.2, -0.2, 0.2, 0.2, 0.2], jnp.float32),
+  )
+
+
+RELATIVE_GRAD = jnp.array([2.0, 0.5, 2.0, 0.5, 2.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "logic, released", [("and", [1, 0, 0, 0, 0, 0, 0]), ("or", [1, 1, 1, 0, 0, 0, 0])]
+)
+def test_release_logic(logic, released):
+  s = _release_state()
+  out = state.release(
+      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=1.0, logic=logic, min_decay_steps=2
+  )
+  released = np.asarray(released, bool)
+  np.testing.assert_array_equal(out.released, released.astype(int))
+  np.testing.assert_array_equal(out.status, np.where(released, ACTIVE, np.asarray(s.status)))
+  np.testing.assert_array_equal(out.released_at[released], 17)
+  np.testing.assert_array_equal(out.released_at[~released], state.init((7,)).released_at[0])
+  np.testing.assert_array_equal(out.decay_step, np.where(released, 0, s.decay_step))
+  # The keep mask is restored for the released channels only.
+  np.testing.assert_array_equal(state.flat_keep(out), np.asarray(state.flat_keep(s)) | released)
+  removed0 = 6 - int(np.asarray(state.flat_keep(out))[:6].sum())
+  np.testing.assert_allclose(out.ratio, [removed0 / 6, 1.0])
+  # A released channel keeps what it remembered of its decay.
+  np.testing.assert_array_equal(out.init_norm, s.init_norm)
+
+
+def test_release_waits_for_min_decay_steps():
+  s = _release_state()
+  kwargs = dict(rate_threshold=0.1, len_threshold=1.0, logic="and")
+  # ch6 (1 decay step) passes both tests but must wait for min_decay_steps = 2.
+  out = state.release(s, RELATIVE_GRAD, min_decay_steps=2, **kwargs)
+  assert int(out.status[6]) == DECAYING and int(out.released[6]) == 0
+  out = state.release(s, RELATIVE_GRAD, min_decay_steps=1, **kwargs)
+  assert int(out.status[6]) == ACTIVE and int(out.released[6]) == 1
+  assert _keep_lists(out)[1] == [True]
+  np.testing.assert_allclose(out.ratio[1], 0.0)
+  # ch0 (3 steps) is not released with min_decay_steps = 4.
+  out = state.release(s, RELATIVE_GRAD, min_decay_steps=4, **kwargs)
+  np.testing.assert_array_equal(out.released, np.zeros(7))
+
+
+def test_release_thresholds_are_strict():
+  s = _release_state()
+  out = state.release(
+      s, RELATIVE_GRAD, rate_threshold=0.2, len_threshold=1.0, logic="and", min_decay_steps=0
+  )
+  assert int(out.released.sum()) == 0
+  out = state.release(
+      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=2.0, logic="and", min_decay_steps=0
+  )
+  assert int(out.released.sum()) == 0
+
+
+def test_release_counts_accumulate():
+  s = _release_state()._replace(released=jnp.asarray([2, 0, 0, 0, 0, 0, 0], jnp.int32))
+  out = state.release(
+      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=1.0, logic="and", min_decay_steps=0
+  )
+  assert int(out.released[0]) == 3
+
+
+# ----------------------------------------------------------------------------------------
+# Smooth pruning through the transform.
+
+DECAY_STEPS = 5
+LR = 0.1
+# Removing one of 8 equally costly channels leaves 7/8 of the MACs.
+ONE_CHANNEL = 7 / 8
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_smooth_pruning_arithmetic(momentum):
+  params = _mlp_params({3: 0.1})
+  spec = _mlp_spec()
+  recipe = recipes.Recipe(
+      criterion="l2",
+      allocation="global",
+      target_flops=ONE_CHANNEL,
+      removal="dpm_sp",
+      decay_steps=DECAY_STEPS,
+  )
+  inner = optax.sgd(LR, momentum=momentum)
+  tx = dpm_jax.prune(inner, spec, recipe)
+  step = _make_step(tx)
+  opt_state = tx.init(params)
+  # The plain inner optimizer on the same gradients, for reference. (SGD's update does not
+  # depend on the params: u is also the inner update the pruned run sees.)
+  ref_step = _make_step(inner)
+  inner_update = jax.jit(inner.update)
+  ref_params, ref_state = params, inner.init(params)
+  l_init = np.linalg.norm(_channel(params, 3))
+  active = np.arange(WIDTH) != 3
+  for i in range(DECAY_STEPS + 4):
+    grads = _random_grads(params, seed=100 + i)
+    u, _ = inner_update(grads, ref_state, params)
+    old = _channel(params, 3)
+    params, opt_state = step(params, opt_state, grads)
+    ref_params, ref_state = ref_step(ref_params, ref_state, grads)
+    n = i + 1
+    ps = dpm_jax.prune_state(opt_state)
+    assert dpm_jax.keep_masks(opt_state)[0].tolist() == active.tolist()
+    new = _channel(params, 3)
+    if n < DECAY_STEPS:
+      np.testing.assert_allclose(
+          np.linalg.norm(new), l_init * (DECAY_STEPS - n) / DECAY_STEPS, rtol=1e-5
+      )
+      # Direction: the optimizer's, x + u.
+      stepped = old + _channel(u, 3)
+      assert _cosine(new, stepped) == pytest.approx(1.0, abs=1e-6)
+      assert int(ps.status[3]) == DECAYING and int(ps.decay_step[3]) == n
+    else:
+      # Exactly zero at step N and after it, although gradients keep coming.
+      assert np.all(new == 0.0), (n, new)
+      assert int(ps.status[3]) == PRUNED
+    # Active channels and consumers: the plain optimizer's result.
+    np.testing.assert_allclose(
+        params["w1"][:, active], ref_params["w1"][:, active], rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(params["b1"][active], ref_params["b1"][active], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(params["w2"], ref_params["w2"], rtol=1e-6, atol=1e-6)
+  # The consumer row of the pruned channel is not touched by pruning.
+  assert np.any(np.asarray(params["w2"][3]) != 0)
+
+
+class _ConvBN(nnx.Module):
+  """conv (with bias) -> BatchNorm -> relu -> global mean -> dense."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), use_bias=True, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+PRODUCER_PATHS = (("conv", "kernel"), ("conv", "bias"), ("bn", "scale"), ("bn", "bias"))
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return np.asarray(tree)
+
+
+def _slice(tree, path, c):
+  x = _get(tree, path)
+  return x[..., c]
+
+
+def test_kernel_bias_and_batchnorm_decay_together():
+  model = nnx.eval_shape(lambda: _ConvBN(nnx.Rngs(0)))  # shapes only
+  spec = dpm_jax.trace_groups(model, jax.ShapeDtypeStruct((1, 5, 5, 1), jnp.float32))
+  assert {m.path for m in spec.groups[0].producers()} == set(PRODUCER_PATHS)
+  params = _random_grads(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7)
+  # Non-trivial BN scale and bias and conv bias; channel 1 is the weakest.
+  params["bn"]["scale"] = np.array([1.0, 0.2, 1.5, 0.9], np.float32)
+  params["bn"]["bias"] = np.array([0.3, -0.1, 0.2, -0.4], np.float32)
+  params["conv"]["bias"] *= 0.1
+  params["conv"]["kernel"][..., 1] *= 0.1
+  recipe = recipes.Recipe(criterion="l2", target_flops=0.75, removal="dpm_sp", decay_steps=4)
+  tx = dpm_jax.prune(optax.sgd(LR), spec, recipe)
+  step = _make_step(tx)
+  opt_state = tx.init(params)
+  c = 1
+  l_init = np.sqrt(sum(np.sum(_slice(params, p, c) ** 2) for p in PRODUCER_PATHS))
+  for i in range(6):
+    grads = _random_grads(params, seed=i)
+    old = params
+    params, opt_state = step(params, opt_state, grads)
+    n = i + 1
+    assert dpm_jax.keep_masks(opt_state)[0].tolist() == [True, False, True, True]
+    stepped = {p: _slice(old, p, c) - LR * _slice(grads, p, c) for p in PRODUCER_PATHS}
+    new = {p: _slice(params, p, c) for p in PRODUCER_PATHS}
+    norm_stepped = np.sqrt(sum(np.sum(v**2) for v in stepped.values()))
+    factor = max(4 - n, 0) / 4 * l_init / norm_stepped
+    for p in PRODUCER_PATHS:
+      # Every producer member shrinks by the same factor this step.
+      np.testing.assert_allclose(
+          new[p], factor * stepped[p], rtol=1e-5, atol=1e-7, err_msg=f"{'/'.join(p)} at step {n}"
+      )
+      if n >= 4:
+        assert np.all(new[p] == 0.0)
+      # The other channels follow plain SGD.
+      others = np.arange(4) != c
+      np.testing.assert_allclose(
+          _get(params, p)[..., others],
+          (_get(old, p) - LR * _get(grads, p))[..., others],
+          rtol=1e-6,
+          atol=1e-6,
+      )
+
+
+# ----------------------------------------------------------------------------------------
+# Self-rectifying through the transform.
+
+SR_DECAY_STEPS = 10
+SR_MIN_DECAY_STEPS = 2
+# Channel 0 is pushed up by the optimizer and has a large gradient: released. Channel 1 has
+# as large a gradient but is pushed down: not released (AND logic).
+RISING, FALLING = 0, 1
+PUSH = 0.5  # |g| = PUSH * ||x||: rate = +-LR * PUSH = +-0.05
+ACTIVE_GRAD_SCALE = 0.01  # the active channels' gradients are small
+
+
+def _sr_recipe(**overrides):
+  kw = dict(
+      criterion="l2",
+      allocation="global",
+      target_flops=0.75,
+      removal="dpm",
+      decay_steps=SR_DECAY_STEPS,
+      min_decay_steps=SR_MIN_DECAY_STEPS,
+      rate_threshold=0.0,
+      len_threshold=1.5,
+      ema_decay=0.5,
+      logic="and",
+      cooldown=100,
+  )
+  kw.update(overrides)
+  return recipes.Recipe(**kw)
+
+
+def _sr_grads(params, seed, released: bool):
+  """Small random gradients; RISING's grows its norm (until it is released, then it trains
+  like the others), FALLING's shrinks it."""
+  g = jax.tree.map(lambda x: ACTIVE_GRAD_SCALE * x, _random_grads(params, seed))
+  w1, b1 = np.asarray(params["w1"]), np.asarray(params["b1"])
+  if not released:
+    g["w1"][:, RISING] = -PUSH * w1[:, RISING]
+    g["b1"][RISING] = -PUSH * b1[RISING]
+  g["w1"][:, FALLING] = PUSH * w1[:, FALLING]
+  g["b1"][FALLING] = PUSH * b1[FALLING]
+  return g
+
+
+@functools.cache
+def _run_sr(recipe, num_steps=SR_DECAY_STEPS + 6):
+  """The SR run (cached: the tests below read the same run; they must not modify it)."""
+  params = _mlp_params({RISING: 0.1, FALLING: 0.15})
+  spec = _mlp_spec()
+  tx = dpm_jax.prune(optax.sgd(LR), spec, recipe)
+  step = _make_step(tx)
+  opt_state = tx.init(params)
+  l_init = np.linalg.norm(_channel(params, RISING))
+  history = []
+  released = False
+  for i in range(num_steps):
+    grads = _sr_grads(params, seed=i, released=released)
+    new_params, opt_state = step(params, opt_state, grads)
+    history.append(
+        dict(
+            params=params,
+            grads=grads,
+            new_params=new_params,
+            prune_state=dpm_jax.prune_state(opt_state),
+            keep=dpm_jax.keep_masks(opt_state),
+        )
+    )
+    params = new_params
+    released = bool(history[-1]["prune_state"].released[RISING])
+  return spec, l_init, history
+
+
+def test_self_rectifying_releases_and_keeps_partly_decayed_weights():
+  spec, l_init, history = _run_sr(_sr_recipe())
+  first = history[0]
+  assert first["keep"][0].tolist() == [i not in (RISING, FALLING) for i in range(WIDTH)]
+  # Released at the first step allowed: after min_decay_steps decay steps.
+  release_step = SR_MIN_DECAY_STEPS
+  for i, h in enumerate(history[:release_step]):
+    assert int(h["prune_state"].status[RISING]) == DECAYING, i
+  h = history[release_step]
+  ps = h["prune_state"]
+  assert int(ps.status[RISING]) == ACTIVE
+  assert int(ps.released[RISING]) == 1
+  assert int(ps.released_at[RISING]) == release_step
+  assert bool(h["keep"][0][RISING])
+  # It keeps its partly decayed weights: the release step is a plain step from the decayed
+  # norm L_init * (N - 2) / N, grown by the rate.
+  norm = np.linalg.norm(_channel(h["new_params"], RISING))
+  assert 0.0 < norm < l_init
+  expected = l_init * (SR_DECAY_STEPS - release_step) / SR_DECAY_STEPS * (1 + LR * PUSH)
+  np.testing.assert_allclose(norm, expected, rtol=1e-5)
+  # Then it trains normally: its updates are the plain SGD updates.
+  for h in history[release_step + 1 :]:
+    np.testing.assert_allclose(
+        _channel(h["new_params"], RISING),
+        _channel(h["params"], RISING) - LR * _channel(h["grads"], RISING),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    assert int(h["prune_state"].status[RISING]) == ACTIVE
+    assert int(h["prune_state"].released[RISING]) == 1
+  # Only RISING was released.
+  assert int(history[-1]["prune_state"].released.sum()) == 1
+
+
+def test_self_rectifying_does_not_release_a_falling_channel():
+  spec, _, history = _run_sr(_sr_recipe())
+  for i, h in enumerate(history):
+    ps = h["prune_state"]
+    assert int(ps.released[FALLING]) == 0
+    assert not h["keep"][0][FALLING]
+    if i + 1 < SR_DECAY_STEPS:
+      assert int(ps.status[FALLING]) == DECAYING, i
+    else:
+      assert int(ps.status[FALLING]) == PRUNED, i
+      assert np.all(_channel(h["new_params"], FALLING) == 0.0), i
+  # When RISING is released FALLING's gradient is as large (it passes the length test): the
+  # rate test is what keeps it decaying.
+  ps = history[SR_MIN_DECAY_STEPS]["prune_state"]
+  active = np.asarray(ps.status) == ACTIVE
+  assert float(ps.grad_norm_ema[FALLING]) > 1.5 * float(np.mean(ps.grad_norm_ema[active]))
+  assert float(ps.rate_ema[FALLING]) < 0 < float(ps.rate_ema[RISING])
+
+
+def test_self_rectifying_replacement_meets_the_target_and_respects_cooldown():
+  recipe = _sr_recipe()
+  spec, _, history = _run_sr(recipe)
+  release_step = SR_MIN_DECAY_STEPS
+  dense = dpm_jax.spec_cost(spec).macs
+  # The step that releases RISING also picks a replacement: the masks leaving every step
+  # meet the target.
+  h = history[release_step]
+  assert int(h["prune_state"].released[RISING]) == 1
+  replaced = [c for c in range(WIDTH) if not h["keep"][0][c] and c != FALLING]
+  assert len(replaced) == 1 and replaced[0] != RISING
+  replacement = replaced[0]
+  ps = h["prune_state"]
+  assert int(ps.status[replacement]) == DECAYING and int(ps.decay_step[replacement]) == 0
+  # Its L_init is its norm where the release step left it (where its decay starts).
+  np.testing.assert_allclose(ps.init_norm[replacement],
+                             np.linalg.norm(_channel(h["new_params"], replacement)), rtol=1e-6)
+  for h in history:
+    keep = h["keep"]
+    assert int((~keep[0]).sum()) == 2
+    assert dpm_jax.spec_cost(spec, keep).macs / dense <= recipe.target_flops + 1e-9
+  for h in history[release_step:]:
+    # Within the cooldown the released channel is not selected again, although it is now
+    # the weakest active channel.
+    assert bool(h["keep"][0][RISING])
+  norms = [np.linalg.norm(_channel(history[release_step]["new_params"], c))
+           for c in range(WIDTH)]
+  assert min((c for c in range(WIDTH) if c != FALLING), key=lambda c: norms[c]) == RISING
+  ps = history[-1]["prune_state"]
+  assert int(ps.status[replacement]) == PRUNED
+  assert np.all(_channel(history[-1]["new_params"], replacement) == 0.0)
+
+
+def test_self_rectifying_without_cooldown_reselects_the_released_channel():
+  _, _, history = _run_sr(_sr_recipe(cooldown=0), num_steps=SR_MIN_DECAY_STEPS + 2)
+  for h in history[SR_MIN_DECAY_STEPS:]:
+    assert int(h["prune_state"].released[RISING]) == 1
+    assert int(h["prune_state"].status[RISING]) == DECAYING
+    assert not h["keep"][0][RISING]
