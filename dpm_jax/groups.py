@@ -639,14 +639,14 @@ def _sub_jaxpr(eqn):
     if sub is None:
       continue
     if isinstance(sub, jcore.ClosedJaxpr):
-      return sub.jaxpr, sub.consts
+      return sub.jaxpr
     if isinstance(sub, jcore.Jaxpr):
-      return sub, ()
+      return sub
   return None
 
 
 def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
-               rules: Mapping[str, Callable[..., Any]], param_vars: Mapping[Any, Path]):
+               rules: Mapping[str, Callable[..., Any]]):
   env: dict[Any, Labels] = {}
   origin: dict[Any, Any] = {}
   for v, labels, o in zip(jaxpr.invars, in_labels, in_origins):
@@ -678,9 +678,8 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       outs = [res] * len(eqn.outvars)
       if name in _ORIGIN_KEEPING and origins[0] is not None:
         origin[eqn.outvars[0]] = origins[0]
-    elif name in _CALLS and _sub_jaxpr(eqn) is not None:
-      sub, consts = _sub_jaxpr(eqn)
-      outs, sub_origins = _propagate(tr, sub, ins, origins, rules, param_vars)
+    elif name in _CALLS and (sub := _sub_jaxpr(eqn)) is not None:
+      outs, sub_origins = _propagate(tr, sub, ins, origins, rules)
       for v, o in zip(eqn.outvars, sub_origins):
         if o is not None:
           origin[v] = o
@@ -872,8 +871,7 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=No
       labels = _labels_for(graph, shape, fixed=True)
       in_origins.append(None)
     in_labels.append(labels)
-  param_vars = {v: paths[i] for i, v in enumerate(jaxpr.invars[:n_vars])}
-  outs, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules, param_vars)
+  outs, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules)
   for labels in outs:
     for l in labels:
       graph.fix(l)  # channels that reach the outputs are not prunable
