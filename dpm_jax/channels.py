@@ -37,6 +37,7 @@ class _MemberIndex:
   indices: np.ndarray  # [size, repeat]
   start: int           # first flat channel of the group
   role: str
+  whole_axis: bool     # the member is the whole axis, in order: no gather or scatter needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,11 @@ class ChannelIndex:
       for m in g.members:
         if tuple(m.path[:n]) != tuple(prefix):
           continue
+        idx = m.indices()
+        whole = (idx.shape[1] == 1
+                 and np.array_equal(idx[:, 0], np.arange(spec.shape_of(m.path)[m.axis])))
         members.setdefault(m.path[n:], []).append(
-            _MemberIndex(m.axis, m.indices(), start, m.role))
+            _MemberIndex(m.axis, idx, start, m.role, bool(whole)))
     seg = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
     return cls(tuple(sizes), starts, seg, {p: tuple(v) for p, v in members.items()})
 
@@ -85,7 +89,7 @@ def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn) -> ja
   for x, m in _leaves(index, tree, roles):
     axes = tuple(a for a in range(x.ndim) if a != m.axis)
     along = jnp.sum(fn(x.astype(jnp.float32)), axis=axes)           # [axis length]
-    per_channel = along[m.indices].sum(axis=1)                        # [size]
+    per_channel = along if m.whole_axis else along[m.indices].sum(axis=1)  # [size]
     out = out.at[m.start:m.start + len(m.indices)].add(per_channel)
   return out
 
@@ -111,8 +115,11 @@ def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
       if m.role not in roles:
         continue
       f = factor[m.start:m.start + len(m.indices)]
-      along = jnp.ones(x.shape[m.axis], factor.dtype)
-      along = along.at[m.indices.ravel()].set(jnp.repeat(f, m.indices.shape[1]))
+      if m.whole_axis:
+        along = f
+      else:
+        along = jnp.ones(x.shape[m.axis], factor.dtype)
+        along = along.at[m.indices.ravel()].set(jnp.repeat(f, m.indices.shape[1]))
       shape = [1] * x.ndim
       shape[m.axis] = -1
       x = x * along.reshape(shape).astype(x.dtype)
