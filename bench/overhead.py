@@ -92,11 +92,14 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int) -> None:
   plain = statistics.median(times["plain"])
   print(f"\n{name}, batch {batch_size}, {len(spec.groups)} groups, "
         f"{spec.num_channels} channels; median of {reps} x {steps} steps")
-  print(f"{'step':<10} {'ms/step':>9} {'ratio':>7} {'compiles':>9}")
+  print(f"{'step':<10} {'ms/step':>9} {'ratio':>7} {'paired':>7} {'compiles':>9}")
   for key in variants:
     med = statistics.median(times[key])
+    # Paired: each repetition's time over the plain step's in the same repetition, so slow
+    # drifts of the machine cancel.
+    paired = statistics.median(t / p for t, p in zip(times[key], times["plain"]))
     compiles = runs[key][0]._cache_size()
-    print(f"{key:<10} {1e3 * med:>9.3f} {med / plain:>7.3f} {compiles:>9}")
+    print(f"{key:<10} {1e3 * med:>9.3f} {med / plain:>7.3f} {paired:>7.3f} {compiles:>9}")
   ps = dpm_jax.prune_state(runs["decaying"][3])
   print(f"(decaying run: {int((np.asarray(ps.status) == 1).sum())} channels decaying)")
 

@@ -57,6 +57,10 @@ class ChannelIndex:
   def num_groups(self) -> int:
     return len(self.sizes)
 
+  def has_role(self, key_path, role: str = PRODUCER) -> bool:
+    """Whether the leaf at ``key_path`` holds a member with ``role``."""
+    return any(m.role == role for m in self.members.get(path_str(key_path), ()))
+
   @classmethod
   def build(cls, spec: GroupSpec, prefix: Path = ()) -> ChannelIndex:
     """Indexes ``spec``'s members; ``prefix`` is stripped from paths (e.g. ``('params',)``)."""

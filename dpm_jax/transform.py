@@ -157,8 +157,26 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     decaying = jnp.any(ps.status == state_lib.DECAYING)
     ps, factor = jax.lax.cond(decaying, decay, hold, ps, params, grads, stepped)
     landed = channels.scale(index, stepped, factor)
-    new_updates = jax.tree.map(lambda n, x, u: (n - x).astype(u.dtype), landed, params, updates)
+
+    def land(key_path, n, x, u):  # leaves without producer slices keep the inner update
+      return (n - x).astype(u.dtype) if index.has_role(key_path) else u
+
+    return jax.tree_util.tree_map_with_path(land, landed, params, updates), ps
+
+  def step(ps: PruneState, params: Any, grads: Any, updates: Any, event: jax.Array,
+           target: jax.Array, refill_allowed: jax.Array):
+    ps = jax.lax.cond(event, select, lambda ps, *_: ps, ps, params, target)
+    new_updates, ps = remove(ps, params, grads, updates)
+    refill = jnp.any(ps.released_at == ps.count) & refill_allowed
+    ps = ps._replace(count=ps.count + 1)
+    # Replace channels released this step now, from the params they land on (the next
+    # step's), so that the keep masks leaving every step meet the target.
+    ps = jax.lax.cond(refill, lambda ps, p, u, t: select(ps, optax.apply_updates(p, u), t),
+                      lambda ps, *_: ps, ps, params, new_updates, target)
     return new_updates, ps
+
+  def skip(ps: PruneState, params: Any, grads: Any, updates: Any, *_):
+    return updates, ps._replace(count=ps.count + 1)
 
   def update_fn(updates, opt_state: PruneOptState, params=None, **extra_args):
     if params is None:
@@ -169,16 +187,10 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     passed = ps.count >= event_steps
     event = jnp.any(ps.count == event_steps)
     target = jnp.asarray(event_macs)[jnp.maximum(jnp.sum(passed) - 1, 0)]
-    ps = jax.lax.cond(event, select, lambda ps, *_: ps, ps, params, target)
-    pruning = jnp.any(ps.status != state_lib.ACTIVE)
-    new_updates, ps = jax.lax.cond(pruning, remove, lambda ps, p, g, u: (u, ps),
-                                   ps, params, grads, inner_updates)
-    refill = jnp.any(ps.released_at == ps.count) & jnp.any(passed)
-    ps = ps._replace(count=ps.count + 1)
-    # Replace channels released this step now, from the params they land on (the next
-    # step's), so that the keep masks leaving every step meet the target.
-    ps = jax.lax.cond(refill, lambda ps, p, u, t: select(ps, optax.apply_updates(p, u), t),
-                      lambda ps, *_: ps, ps, params, new_updates, target)
+    # One branch point while nothing is selected (before the first event): no overhead.
+    busy = event | jnp.any(ps.status != state_lib.ACTIVE)
+    new_updates, ps = jax.lax.cond(busy, step, skip, ps, params, grads, inner_updates, event,
+                                   target, jnp.any(passed))
     return new_updates, PruneOptState(inner_st, ps)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
