@@ -101,9 +101,12 @@ def plot_trajectories(path: str | os.PathLike[str], traj: Trajectories,
     ax.plot(traj.steps, traj.norms[:, c], color="tab:red" if released else "0.6",
             lw=1.4 if released else 0.6, alpha=1.0 if released else 0.6, zorder=3 if released else 2)
     if released:
-      i = np.searchsorted(traj.steps, traj.released_at[c])
-      i = min(i, len(traj.steps) - 1)
-      ax.plot(traj.steps[i], traj.norms[i, c], "o", color="tab:red", ms=5, zorder=4)
+      # Every recorded decaying -> active transition is a release.
+      s = traj.status[:, c]
+      marks = list(np.nonzero((s[:-1] == 1) & (s[1:] == 0))[0] + 1)
+      if not marks:  # released between two records and selected again since
+        marks = [min(np.searchsorted(traj.steps, traj.released_at[c]), len(traj.steps) - 1)]
+      ax.plot(traj.steps[marks], traj.norms[marks, c], "o", color="tab:red", ms=5, zorder=4)
   ax.plot([], [], color="0.6", label="selected, decayed")
   ax.plot([], [], "o-", color="tab:red", label="released (self-rectifying)")
   ax.set_xlabel("optimizer step")
