@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 from flax import nnx
 
-from dpm_jax.models.layers import ConvBN, check_widths, in_width, out_width
+from dpm_jax.models.layers import check_widths
+from dpm_jax.models.pooled_cnn import PooledCNN
 
 VGG_IMAGE_SIZE = 32
 VGG_IN_CHANNELS = 3
@@ -21,10 +21,9 @@ VGG_IN_CHANNELS = 3
 VGG16_STAGE_DEPTHS = (2, 2, 3, 3, 3)
 VGG16_CONV_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 VGG16_DENSE_WIDTHS = (512,)
-POOL_SIZE = 2
 
 
-class VGG16BN(nnx.Module):
+class VGG16BN(PooledCNN):
   """VGG-16-BN: 13 conv 3x3 + BN + relu in five pooled stages, then dense layers.
 
   The classifier is flatten (1x1x512 at 32x32 input), dense 512->512 + relu, dense
@@ -50,39 +49,10 @@ class VGG16BN(nnx.Module):
       rngs: nnx.Rngs,
   ):
     check_widths("conv_widths", conv_widths, sum(VGG16_STAGE_DEPTHS))
-    self.image_size = image_size
-    widths_in = (in_channels, *conv_widths[:-1])
-    self.convs = nnx.List([
-        ConvBN(w_in, w_out, 3, rngs=rngs)
-        for w_in, w_out in zip(widths_in, conv_widths)
-    ])
-    pooled_size = image_size // POOL_SIZE ** len(VGG16_STAGE_DEPTHS)
-    flat_features = pooled_size * pooled_size * conv_widths[-1]
-    widths_in = (flat_features, *dense_widths)
-    self.dense = nnx.List([
-        nnx.Linear(w_in, w_out, rngs=rngs)
-        for w_in, w_out in zip(widths_in, dense_widths)
-    ])
-    self.head = nnx.Linear(widths_in[-1], num_classes, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    convs = iter(self.convs)
-    for depth in VGG16_STAGE_DEPTHS:
-      for _ in range(depth):
-        x = jax.nn.relu(next(convs)(x))
-      x = nnx.max_pool(x, (POOL_SIZE, POOL_SIZE), strides=(POOL_SIZE, POOL_SIZE))
-    x = x.reshape(x.shape[0], -1)
-    for dense in self.dense:
-      x = jax.nn.relu(dense(x))
-    return self.head(x)
+    super().__init__(num_classes, conv_widths=conv_widths, dense_widths=dense_widths,
+                     stage_depths=VGG16_STAGE_DEPTHS, in_channels=in_channels,
+                     image_size=image_size, rngs=rngs)
 
   def arch(self) -> dict[str, Any]:
     """The architecture as constructor arguments, read from the current arrays."""
-    return {
-        "name": "vgg16_bn",
-        "num_classes": out_width(self.head),
-        "conv_widths": [out_width(conv) for conv in self.convs],
-        "dense_widths": [out_width(dense) for dense in self.dense],
-        "in_channels": in_width(self.convs[0]),
-        "image_size": self.image_size,
-    }
+    return self._arch("vgg16_bn")
