@@ -27,8 +27,12 @@ demo: install
 test: install-test
 	$(PY) -m pytest -n 2 tests
 
+# Every benchmark in bench/, each run as a module from the project root (it imports train/).
 bench: install
-	$(PY) bench/surgery.py
+	for b in bench/*.py; do \
+	  case $$b in */__init__.py) continue;; esac; \
+	  $(PY) -m bench.$$(basename $$b .py) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

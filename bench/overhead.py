@@ -1,20 +1,22 @@
 """Overhead of the pruning transform: pruning train step vs a plain optax train step.
 
-  python bench/overhead.py                 # digits CNN and ResNet-20, this machine
-  python bench/overhead.py --models resnet20 --batch 128 --reps 15
+  python -m bench.overhead                 # digits CNN and ResNet-20, this machine
+  python -m bench.overhead --models resnet20 --batch 128 --reps 15
 
 Both steps are the same jitted function (forward, backward, SGD-momentum update,
 apply_updates, donated state); only the optimizer differs. Timings are interleaved in one
-process (plain, then each pruning phase, repeated) and the median per-step time is reported.
-The pruning step is measured in its three regimes:
+process (plain, then every preset in each of its regimes, repeated) and the median per-step
+time is reported, with the paired ratio (each repetition over the plain step's in the same
+repetition). The regimes, for every preset of ``dpm_jax.recipes.PRESETS``:
 
-- ``idle``: before the first pruning event (only the event check runs);
-- ``decaying``: channels are decaying (smooth pruning + self-rectifying: norms, gradient
-  history, release test, rescale);
-- ``holding``: channels are pruned and held at zero (a mask multiply).
+- ``idle``: before the first pruning event (the event check, the finite check);
+- ``holding``: channels are pruned and held at zero (a mask multiply);
+- ``decaying``: channels are decaying (smooth pruning; with self-rectifying also the gradient
+  history, the release test);
+- ``soft``: between two soft-pruning events (soft-pruned channels train freely).
 
-Target: ratio <= 1.05. The compile count of each pruning step over the whole measurement
-(events, decays and releases included) is printed too; it must be 1.
+Target: paired ratio <= 1.05. The compile count of each pruning step over the whole
+measurement (events, decays and releases included) is printed too; it must be 1.
 """
 
 from __future__ import annotations
@@ -31,9 +33,27 @@ from flax import nnx
 
 import dpm_jax
 from dpm_jax import models
-from train.train import apply_model, cross_entropy_loss, split_model
+from train.loop import apply_model, cross_entropy_loss, split_model
 
 SHAPES = {"digits_cnn": (8, 8, 1), "resnet20": (32, 32, 3), "resnet56": (32, 32, 3)}
+NEVER = 10**8
+STATUS = {"active": dpm_jax.pruning.ACTIVE, "decaying": dpm_jax.pruning.DECAYING,
+          "pruned": dpm_jax.pruning.PRUNED, "soft": dpm_jax.pruning.SOFT}
+# Every preset, with every removal, in the regime it spends its steps in (the first event,
+# where there is one, is at step 0: measured steps are after it).
+_R = dpm_jax.recipes
+RECIPES = {
+    "depgraph idle": _R.depgraph(0.5, "dpm", start_step=NEVER),
+    "depgraph hard holding": _R.depgraph(0.5, "hard"),
+    "depgraph dpm_sp decaying": _R.depgraph(0.5, "dpm_sp", decay_steps=NEVER),
+    "depgraph dpm decaying": _R.depgraph(0.5, "dpm", decay_steps=NEVER, min_decay_steps=1),
+    "magnitude hard holding": _R.magnitude(0.5, "hard"),
+    "sfp soft": _R.sfp(0.5, "soft", end_step=NEVER, interval=NEVER),
+    "sfp dpm_sp decaying": _R.sfp(0.5, "dpm_sp", end_step=NEVER, interval=NEVER,
+                                  decay_steps=NEVER // 2),
+    "sfp dpm decaying": _R.sfp(0.5, "dpm", end_step=NEVER, interval=NEVER,
+                               decay_steps=NEVER // 2, min_decay_steps=1),
+}
 
 
 def make_step(graphdef, tx):
@@ -58,17 +78,9 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int) -> None:
   batch = {"image": jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
   inner = lambda: optax.sgd(0.01, momentum=0.9)
-  never = 10**9
-  variants = {
-      "plain": inner(),
-      "idle": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
-          0.5, removal="dpm", start_step=never, end_step=never, num_events=1)),
-      "decaying": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
-          0.5, removal="dpm", start_step=0, end_step=0, num_events=1, decay_steps=never,
-          min_decay_steps=1)),
-      "holding": dpm_jax.prune(inner(), spec, dpm_jax.recipes.depgraph(
-          0.5, removal="hard", start_step=0, end_step=0, num_events=1)),
-  }
+  variants = {"plain": inner()}
+  variants.update({name: dpm_jax.prune(inner(), spec, recipe)
+                   for name, recipe in RECIPES.items()})
   runs = {}
   for key, tx in variants.items():
     p, s = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, stats)
@@ -92,16 +104,19 @@ def bench_model(name: str, batch_size: int, reps: int, steps: int) -> None:
   plain = statistics.median(times["plain"])
   print(f"\n{name}, batch {batch_size}, {len(spec.groups)} groups, "
         f"{spec.num_channels} channels; median of {reps} x {steps} steps")
-  print(f"{'step':<10} {'ms/step':>9} {'ratio':>7} {'paired':>7} {'compiles':>9}")
+  print(f"{'step':<26} {'ms/step':>9} {'ratio':>7} {'paired':>7} {'compiles':>9}")
   for key in variants:
     med = statistics.median(times[key])
     # Paired: each repetition's time over the plain step's in the same repetition, so slow
     # drifts of the machine cancel.
     paired = statistics.median(t / p for t, p in zip(times[key], times["plain"]))
     compiles = runs[key][0]._cache_size()
-    print(f"{key:<10} {1e3 * med:>9.3f} {med / plain:>7.3f} {paired:>7.3f} {compiles:>9}")
-  ps = dpm_jax.prune_state(runs["decaying"][3])
-  print(f"(decaying run: {int((np.asarray(ps.status) == 1).sum())} channels decaying)")
+    print(f"{key:<26} {1e3 * med:>9.3f} {med / plain:>7.3f} {paired:>7.3f} {compiles:>9}")
+  for key in variants:
+    if key != "plain":
+      status = np.asarray(dpm_jax.pruning.channel_status(dpm_jax.prune_state(runs[key][3])))
+      counts = {n: int((status == v).sum()) for n, v in STATUS.items() if (status == v).any()}
+      print(f"  {key}: channels {counts}")
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-  .venv/bin/python bench/surgery.py
-  .venv/bin/python bench/surgery.py --batch_size=128 --repetitions=10 --calls=5 --align=8
+  .venv/bin/python -m bench.surgery
+  .venv/bin/python -m bench.surgery --batch_size=128 --repetitions=10 --calls=5 --align=8
 
 Prints three tables for ResNet-56 (CIFAR, 32x32x3, torchvision-style initialisation):
 
@@ -45,8 +45,8 @@ from flax import nnx
 
 import dpm_jax
 from dpm_jax import channels
-from dpm_jax import criteria
 from dpm_jax import models
+from dpm_jax.pruning import criteria
 
 MODEL = "resnet56"
 IMAGE_SHAPE = (32, 32, 3)
@@ -68,8 +68,9 @@ def _first_and_median(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
 
 def l1_order(spec: dpm_jax.GroupSpec, params: Any) -> list[np.ndarray]:
   """Per group, its channels by decreasing L1 norm of their producer slices."""
-  index = channels.ChannelIndex.build(spec)
-  scores = np.asarray(jax.jit(lambda p: criteria.score("l1", index, p))(params))
+  ctx = dpm_jax.pruning.Context.build(spec, TARGET_MACS_RATIO)
+  scores = np.asarray(jax.jit(lambda p: criteria.L1().score(ctx, None, p))(params))
+  index = ctx.index
   return [np.argsort(-s, kind="stable") for s in channels.split(index, scores)]
 
 

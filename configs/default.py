@@ -57,10 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   # smaller network is fine-tuned ('finetune'), exported and reported (report.md).
   config.pruning = pruning = ml_collections.ConfigDict()
   pruning.enabled = False
-  pruning.method = 'depgraph'  # A preset in dpm_jax.recipes: 'depgraph' or 'magnitude'.
+  # Fields below that a method's parts do not take are ignored (num_events for 'sfp',
+  # interval_epochs for 'depgraph', decay_steps for removal 'hard', ...).
+  pruning.method = 'depgraph'  # A preset in dpm_jax.recipes.PRESETS: 'depgraph', 'magnitude', 'sfp'.
   pruning.criterion = ''  # Override the preset's criterion ('l1', 'l2', 'group_l2'); '' keeps it.
   pruning.allocation = ''  # Override the preset's allocation ('global', 'uniform'); '' keeps it.
-  pruning.removal = 'dpm'  # 'hard' (base method), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
+  # 'hard' (base method), 'soft' (SFP's base), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
+  pruning.removal = 'dpm'
   pruning.target_flops = 0.5  # Fraction of the dense network's FLOPs that remains.
   pruning.min_channels = 1  # Never leave a group with fewer channels than this...
   pruning.min_fraction = 0.0  # ... or than this fraction of its channels.
@@ -68,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.start_epoch = 0.0  # First pruning event, in epochs from the start of the phase.
   pruning.end_epoch = 10.0  # Last pruning event (== start_epoch: one-shot).
   pruning.num_events = 5  # Pruning events from start_epoch to end_epoch, each a step down in FLOPs.
+  pruning.interval_epochs = 1.0  # 'sfp': an event (a fresh selection) every this many epochs.
   pruning.decay_steps = 400  # DPM's N: optimizer steps a selected channel takes to reach zero.
   pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
   pruning.len_threshold = 1.0  # ... and (logic) the relative gradient norm EMA exceeds this (T_len).

@@ -4,8 +4,10 @@ Automatic channel groups (``trace_groups``), FLOP counting (``count_flops``), pa
 (``remove_channels``), and the pruning methods as an optax transform.
 """
 
+from dpm_jax import channels
 from dpm_jax import models
-from dpm_jax import recipes
+from dpm_jax import pruning
+from dpm_jax.pruning import recipes
 from dpm_jax.flops import FlopsReport
 from dpm_jax.flops import LayerCount
 from dpm_jax.flops import count_flops
@@ -22,15 +24,15 @@ from dpm_jax.surgery import register_module_resizer
 from dpm_jax.surgery import remove_channels
 from dpm_jax.surgery import remove_channels_fn
 from dpm_jax.surgery import remove_channels_opt_state
-from dpm_jax.recipes import Recipe
-from dpm_jax.state import PruneState
 from dpm_jax.surgery import zero_channels
-from dpm_jax.transform import PruneOptState
-from dpm_jax.transform import finalize
-from dpm_jax.transform import inner_state
-from dpm_jax.transform import keep_masks
-from dpm_jax.transform import prune
-from dpm_jax.transform import prune_state
+from dpm_jax.pruning import PruneOptState
+from dpm_jax.pruning import PruneState
+from dpm_jax.pruning import Recipe
+from dpm_jax.pruning import finalize
+from dpm_jax.pruning import inner_state
+from dpm_jax.pruning import keep_masks
+from dpm_jax.pruning import prune
+from dpm_jax.pruning import prune_state
 
 __version__ = "0.1.0"
 
@@ -44,12 +46,14 @@ __all__ = [
     "keep_masks",
     "prune",
     "prune_state",
+    "pruning",
     "recipes",
     "Group",
     "GroupSpec",
     "LayerCount",
     "Member",
     "UnsupportedPrimitiveError",
+    "channels",
     "check_keep",
     "count_flops",
     "count_flops_fn",

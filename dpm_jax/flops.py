@@ -23,13 +23,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dpm_jax import groups as groups_lib
 from dpm_jax.groups import GroupSpec
 from dpm_jax.surgery import check_keep, kept_indices
 
-__all__ = ["LayerCount", "FlopsReport", "spec_cost", "count_flops", "count_flops_fn"]
+__all__ = ["LayerCount", "FlopsReport", "FlopsModel", "spec_cost", "count_flops",
+           "count_flops_fn"]
 
 
 class LayerCount(NamedTuple):
@@ -104,3 +107,79 @@ def count_flops(model, *example_inputs: Any, keep: Sequence[Any] | None = None,
                 **trace_kwargs) -> FlopsReport:
   """MACs, FLOPs and ``nnx.Param`` count of an NNX module (with ``keep``: as if pruned)."""
   return spec_cost(groups_lib.trace_groups(model, *example_inputs, **trace_kwargs), keep)
+
+
+# ----------------------------------------------------------------------------------------
+# The same costs as a dense, jittable model over the flat channel vector (for allocation).
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsModel:
+  """Dense MAC model of a traced network over the flat channel vector.
+
+  Attributes:
+    weights: ``[D, K]`` entries of dimension ``d`` per kept channel ``k``.
+    fixed: ``[D]`` unprunable entries of every dimension.
+    layer_dims: ``[L, M]`` the dimensions of each layer, padded with ``D`` (a dimension of
+      size one).
+    const: ``[L]`` the MACs of a layer per unit of each of its dimensions.
+    segment_ids: ``[K]`` the group of every flat channel.
+  """
+
+  weights: np.ndarray
+  fixed: np.ndarray
+  layer_dims: np.ndarray
+  const: np.ndarray
+  segment_ids: np.ndarray
+
+  @classmethod
+  def build(cls, spec: GroupSpec) -> FlopsModel:
+    sizes = spec.sizes
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int) if sizes else []
+    k = int(sum(sizes))
+    rows, fixed, layer_dims, const = [], [], [], []
+    for layer in spec.layers:
+      dims = []
+      for dim in layer.dims:
+        w = np.zeros(k, np.float32)
+        for t in dim.terms:
+          start = starts[t.group]
+          idx = (np.arange(sizes[t.group]) if t.channels is None else np.asarray(t.channels))
+          w[start + idx] += t.multiplicity
+        dims.append(len(rows))
+        rows.append(w)
+        fixed.append(dim.fixed)
+      layer_dims.append(dims)
+      const.append(layer.const)
+    d = len(rows)
+    width = max((len(x) for x in layer_dims), default=1)
+    padded = np.full((len(layer_dims), width), d, np.int32)
+    for i, dims in enumerate(layer_dims):
+      padded[i, :len(dims)] = dims
+    weights = np.stack(rows) if rows else np.zeros((0, k), np.float32)
+    seg = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    return cls(weights, np.asarray(fixed, np.float32), padded, np.asarray(const, np.float64),
+               seg)
+
+  def dim_sizes(self, keep: jax.Array) -> jax.Array:
+    """``[D]`` entries of every dimension when ``keep`` (``[K]`` bool or float) is kept."""
+    return jnp.asarray(self.fixed) + jnp.asarray(self.weights) @ keep.astype(jnp.float32)
+
+  def macs_of_dims(self, dims: jax.Array) -> jax.Array:
+    """MACs from the entries of every dimension: ``dims`` is ``[D, ...]`` (batched after D)."""
+    # Append the unit dimension that pads `layer_dims`.
+    ones = jnp.ones((1,) + dims.shape[1:], dims.dtype)
+    full = jnp.concatenate([dims, ones], axis=0)
+    per_layer = jnp.prod(full[jnp.asarray(self.layer_dims)], axis=1)   # [L, ...]
+    const = jnp.asarray(self.const, jnp.float32).reshape((-1,) + (1,) * (dims.ndim - 1))
+    return jnp.sum(const * per_layer, axis=0)
+
+  def macs(self, keep: jax.Array) -> jax.Array:
+    """MACs of the network with ``keep`` channels."""
+    return self.macs_of_dims(self.dim_sizes(keep))
+
+  @property
+  def dense_macs(self) -> float:
+    # Eager even under a trace: `prune` may be built inside one (optax.inject_hyperparams).
+    with jax.ensure_compile_time_eval():
+      return float(self.macs(jnp.ones(self.weights.shape[1])))

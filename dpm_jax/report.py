@@ -86,15 +86,19 @@ def group_rows(spec: GroupSpec, keep: Sequence[Any]) -> list[dict[str, Any]]:
   return rows
 
 
+def _figure(size: tuple[float, float]):
+  """A matplotlib figure drawn off-screen, without pyplot: the caller's backend and open
+  figures are left alone."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(figsize=size)
+
+
 def plot_trajectories(path: str | os.PathLike[str], traj: Trajectories,
                       title: str = "Channel norms during pruning") -> None:
   """Norm of every channel that was ever selected; released channels in red, with a marker
   at each release."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(8, 4.5))
+  fig = _figure((8, 4.5))
+  ax = fig.subplots()
   selected = np.nonzero((traj.status != 0).any(axis=0) | (traj.released > 0))[0]
   for c in selected:
     released = traj.released[c] > 0
@@ -107,7 +111,7 @@ def plot_trajectories(path: str | os.PathLike[str], traj: Trajectories,
       if not marks:  # released between two records and selected again since
         marks = [min(np.searchsorted(traj.steps, traj.released_at[c]), len(traj.steps) - 1)]
       ax.plot(traj.steps[marks], traj.norms[marks, c], "o", color="tab:red", ms=5, zorder=4)
-  ax.plot([], [], color="0.6", label="selected, decayed")
+  ax.plot([], [], color="0.6", label="selected (decayed, zeroed or soft-pruned)")
   ax.plot([], [], "o-", color="tab:red", label="released (self-rectifying)")
   ax.set_xlabel("optimizer step")
   ax.set_ylabel("channel norm (producer slices)")
@@ -115,16 +119,12 @@ def plot_trajectories(path: str | os.PathLike[str], traj: Trajectories,
   ax.legend(loc="upper right")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_widths(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
   """Channels per group before and after pruning."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 4))
+  fig = _figure((max(6, 0.45 * len(rows) + 2), 4))
+  ax = fig.subplots()
   x = np.arange(len(rows))
   ax.bar(x - 0.2, [r["channels_before"] for r in rows], 0.4, label="before", color="0.7")
   ax.bar(x + 0.2, [r["channels_after"] for r in rows], 0.4, label="after", color="tab:blue")
@@ -135,7 +135,6 @@ def plot_widths(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]])
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write_report(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequence[Any], *,

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
 
@@ -168,37 +169,31 @@ def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
   return jax.tree_util.tree_map_with_path(slice_leaf, variables)
 
 
-def remove_channels_opt_state(opt_state: Any, spec: GroupSpec, keep: Sequence[Any], *,
+def remove_channels_opt_state(tx: optax.GradientTransformation, opt_state: Any,
+                              spec: GroupSpec, keep: Sequence[Any], *,
                               prefix: Path = ()) -> Any:
-  """Slices every params-shaped tree inside an optax state (momentum, Adam moments, ...).
+  """Slices every params-shaped tree inside ``tx``'s state (momentum, Adam moments, ...).
 
-  A leaf is sliced when its key path *ends with* a spec path (after ``prefix`` is removed
-  from the spec path) and its shape is the traced shape, so it works whatever the nesting
-  (``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers). Other leaves (counts,
-  hyperparameters) are left as they are.
+  ``optax.tree.map_params`` finds them, whatever the nesting (``optax.chain``,
+  ``MultiSteps``, ``inject_hyperparams``, wrappers); each is sliced as ``remove_channels_fn``
+  slices the params. Other leaves (counts, hyperparameters) are left as they are.
+
+  Args:
+    tx: the optimizer whose state ``opt_state`` is (for a ``dpm_jax.prune`` state after
+      pruning, slice ``dpm_jax.inner_state(opt_state)`` with the inner optimizer).
+    opt_state: its state.
+    spec: the ``GroupSpec`` traced from the model.
+    keep: one boolean mask per group, ``True`` for channels that stay.
+    prefix: as for ``remove_channels_fn``.
 
   Example:
     >>> import optax
     >>> tx = optax.sgd(0.1, momentum=0.9)
-    >>> # opt_state = remove_channels_opt_state(tx.init(params), spec, keep)
+    >>> # small_state = remove_channels_opt_state(tx, tx.init(params), spec, keep)
   """
-  indices = kept_indices(spec, keep)
-  shapes = dict(spec.shapes)
-  n = len(prefix)
-  by_suffix: dict[Path, dict[int, np.ndarray]] = {}
-  for (path, axis), idx in indices.items():
-    if tuple(path[:n]) == tuple(prefix):
-      by_suffix.setdefault(path[n:], {})[axis] = idx
-
-  def slice_leaf(key_path, x):
-    path = _leaf_path(key_path)
-    for k in range(len(path)):
-      suffix = path[k:]
-      if suffix in by_suffix and tuple(np.shape(x)) == tuple(shapes[tuple(prefix) + suffix]):
-        return _take(x, by_suffix[suffix])
-    return x
-
-  return jax.tree_util.tree_map_with_path(slice_leaf, opt_state)
+  return optax.tree.map_params(
+      tx, lambda tree: remove_channels_fn(tree, spec, keep, prefix=prefix), opt_state,
+      is_leaf=lambda _: True)  # hand each params-shaped tree over whole
 
 
 def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 import dpm_jax
-from dpm_jax import allocation
+from dpm_jax.flops import FlopsModel
+from dpm_jax.pruning import allocations as allocation
 from dpm_jax import models
 
 
@@ -81,7 +82,7 @@ def _fast_macs(spec, keep_flat) -> int:
 def test_flops_model_hand_arithmetic():
   spec = _spec("mlp")
   assert spec.sizes == (8, 16)
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   assert model.dense_macs == _mlp2_macs(8, 16) == 192
   keep = np.concatenate([np.arange(8) < 5, np.arange(16) < 10])
   assert float(model.macs(jnp.asarray(keep))) == _mlp2_macs(5, 10) == 90
@@ -91,7 +92,7 @@ def test_flops_model_hand_arithmetic():
 @pytest.mark.parametrize("name", ["mlp", "digits_cnn", "resnet20"])
 def test_flops_model_agrees_with_spec_cost(name):
   spec = _spec(name)
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   np.testing.assert_allclose(model.dense_macs, dpm_jax.spec_cost(spec).macs, rtol=1e-7)
   macs = jax.jit(model.macs)
   # MACs are counted in float32 (no x64 in JAX by default): exact below 2**24 (the MLP and
@@ -123,7 +124,7 @@ def test_min_keep():
 
 def test_check_reachable():
   spec = _spec("mlp")
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   minimum = allocation.min_keep(spec, 1, 0.5)
   # At the minimum (4 and 8 channels) the MLP keeps 64 / 192 of its MACs.
   lowest = _mlp2_macs(4, 8) / 192
@@ -141,7 +142,7 @@ def test_flops_of_a_spec_with_a_group_declared_unprunable():
   # The 8 channels of w1 are now fixed; keep 4 of w2's 16: 4 * 8 + 8 * 4 + 4 * 2.
   keep = np.arange(16) < 4
   assert dpm_jax.spec_cost(spec, [keep]).macs == 72
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   assert model.dense_macs == 192
   assert float(model.macs(jnp.asarray(keep))) == 72
 
@@ -149,7 +150,7 @@ def test_flops_of_a_spec_with_a_group_declared_unprunable():
 def test_check_reachable_without_groups():
   spec = _spec("mlp").without(("w1",), ("w2",))
   assert not spec.groups
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   allocation.check_reachable(model, spec, np.zeros(0, np.int32), 1.0)
   with pytest.raises(ValueError, match="no prunable channel groups"):
     allocation.check_reachable(model, spec, np.zeros(0, np.int32), 0.5)
@@ -209,7 +210,7 @@ def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
 @functools.cache
 def _selector(name: str, fn_name: str):
   """``allocation.<fn_name>`` for model ``name``, jitted (eagerly every op compiles)."""
-  model = allocation.FlopsModel.build(_spec(name))
+  model = FlopsModel.build(_spec(name))
   return jax.jit(functools.partial(getattr(allocation, fn_name), model))
 
 
@@ -299,7 +300,7 @@ def test_min_channels_guard_is_never_violated(name):
 
 def test_select_global_jits_with_a_traced_target():
   spec = _spec("mlp")
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   fn = jax.jit(functools.partial(allocation.select_global, model))
   scores = jnp.arange(24.0)
   ones, zeros, minimum = jnp.ones(24, bool), jnp.zeros(24, bool), jnp.ones(2, jnp.int32)
@@ -312,7 +313,7 @@ def test_select_global_jits_with_a_traced_target():
 def test_select_global_lands_within_one_percent_of_the_target_on_the_digits_cnn():
   spec = _spec("digits_cnn")
   k = spec.num_channels
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   minimum = allocation.min_keep(spec, 1, 0.0)
   worst = 1.0
   for seed in range(8):
@@ -345,7 +346,7 @@ def test_select_uniform_hand_case():
 def test_select_uniform_removes_the_same_fraction_of_every_group(name):
   spec = _spec(name)
   k = spec.num_channels
-  model = allocation.FlopsModel.build(spec)
+  model = FlopsModel.build(spec)
   scores = np.random.default_rng(0).random(k).astype(np.float32)
   minimum = allocation.min_keep(spec, 1, 0.0)
   sizes = np.asarray(spec.sizes)

@@ -12,7 +12,7 @@ import pytest
 from configs import test as test_config
 from dpm_jax import checkpoint
 from dpm_jax import models
-from train import train
+from train import loop
 
 
 def _model() -> nnx.Module:
@@ -22,11 +22,11 @@ def _model() -> nnx.Module:
   )
 
 
-def _state() -> train.TrainState:
+def _state() -> loop.TrainState:
   """A train state whose every leaf (momentum, step, BN stats included) is distinctive."""
-  _, params, batch_stats = train.split_model(_model())
+  _, params, batch_stats = loop.split_model(_model())
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-  state = train.create_train_state(params, batch_stats, tx)
+  state = loop.create_train_state(params, batch_stats, tx)
   rng = np.random.default_rng(1)  # numpy: jax.random would compile once per leaf shape.
   return jax.tree.map(
       lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)
@@ -51,7 +51,7 @@ def test_save_then_restore_gives_identical_state(tmp_path):
   manager.wait_until_finished()
   restored = checkpoint.restore(manager, checkpoint.abstract(state))
   manager.close()
-  assert isinstance(restored, train.TrainState)
+  assert isinstance(restored, loop.TrainState)
   _assert_trees_equal(restored, expected)
 
 
@@ -128,7 +128,7 @@ def test_load_model_rebuilds_the_saved_model(tmp_path):
 
   loaded = checkpoint.load_model(tmp_path)
   assert loaded.arch() == json.loads(json.dumps(model.arch()))
-  _, params, batch_stats = train.split_model(loaded)
+  _, params, batch_stats = loop.split_model(loaded)
   _assert_trees_equal(params, expected.params)
   _assert_trees_equal(batch_stats, expected.batch_stats)
 
@@ -139,6 +139,6 @@ def test_export_model_then_load_model(tmp_path):
   for _ in range(2):  # Exporting again replaces the export.
     checkpoint.export_model(tmp_path, model.arch(), expected.params, expected.batch_stats)
   loaded = checkpoint.load_model(tmp_path)
-  _, params, batch_stats = train.split_model(loaded)
+  _, params, batch_stats = loop.split_model(loaded)
   _assert_trees_equal(params, expected.params)
   _assert_trees_equal(batch_stats, expected.batch_stats)

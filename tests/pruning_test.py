@@ -9,6 +9,8 @@ import pytest
 from configs import digits_dpm
 from dpm_jax import checkpoint
 from dpm_jax import data
+from dpm_jax.pruning import removals
+from dpm_jax.pruning import schedules
 from train import pruning
 from train import train
 
@@ -86,5 +88,15 @@ def test_bad_pruning_config_fails_before_training(tmp_path, overrides, message):
 def test_recipe_from_config_converts_epochs_to_steps():
   config = digits_dpm.get_config()
   recipe = pruning.recipe_from_config(config.pruning, steps_per_epoch=44)
-  assert recipe.start_step == 0 and recipe.end_step == 4 * 44
-  assert recipe.removal == 'dpm' and recipe.decay_steps == 44
+  assert recipe.schedule == schedules.Iterative(start_step=0, end_step=4 * 44, num_events=5)
+  assert isinstance(recipe.removal, removals.SelfRectifying)
+  assert recipe.removal.decay_steps == 44 and recipe.removal.cooldown == 44
+  # Fields the chosen parts do not take are left out (a hard removal does not decay).
+  config.pruning.removal = 'hard'
+  assert pruning.recipe_from_config(config.pruning, steps_per_epoch=44).removal == (
+      removals.Hard())
+  # SFP: an event every interval; one at the end of the phase is taken at its last step.
+  config.pruning.update(method='sfp', removal='soft', interval_epochs=2.0, end_epoch=8.0)
+  recipe = pruning.recipe_from_config(config.pruning, steps_per_epoch=44)
+  assert recipe.schedule == schedules.Interval(start_step=0, end_step=8 * 44 - 1, interval=88)
+  assert recipe.schedule.event_steps == (0, 88, 176, 264, 351)

@@ -1,153 +1,245 @@
-"""Tests for ``Recipe`` validation, its event schedule and the presets."""
+"""Tests for recipes: the parts' validation, the schedules, the registry and the presets."""
 
 from __future__ import annotations
 
 import dataclasses
 import doctest
 
+import jax.numpy as jnp
 import pytest
 
+from dpm_jax import pruning
 from dpm_jax import recipes
-from dpm_jax.recipes import Recipe
+from dpm_jax.pruning import allocations, criteria, removals, schedules
+from dpm_jax.pruning.recipes import Recipe
 
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(criterion="taylor"), "criterion"),
     (dict(allocation="adaptive"), "allocation"),
-    (dict(removal="soft"), "removal"),
-    (dict(logic="xor"), "logic"),
+    (dict(removal="protective"), "removal"),
+    (dict(removal="dpm", logic="xor"), "logic"),
     (dict(target_flops=0.0), "target_flops"),
     (dict(target_flops=-0.5), "target_flops"),
     (dict(target_flops=1.01), "target_flops"),
+    (dict(target_flops="0.5"), "target_flops"),
     (dict(min_channels=0), "min_channels"),
+    (dict(min_channels=1.5), "min_channels"),
     (dict(min_fraction=-0.1), "min_fraction"),
     (dict(min_fraction=1.0), "min_fraction"),
+    (dict(flops_tolerance=1.0), "flops_tolerance"),
     (dict(start_step=-1), "start_step"),
     (dict(start_step=10, end_step=5), "end_step"),
     (dict(num_events=0), "num_events"),
+    (dict(num_events=2.5, start_step=0, end_step=5), "num_events"),
     (dict(num_events=3, start_step=5, end_step=5), "num_events"),
-    (dict(decay_steps=0), "decay_steps"),
-    (dict(decay_steps=-3), "decay_steps"),
-    (dict(len_threshold=-0.1), "len_threshold"),
-    (dict(rate_threshold=1.0), "rate_threshold"),
-    (dict(rate_threshold=-1.0), "rate_threshold"),
-    (dict(ema_decay=1.0), "ema_decay"),
-    (dict(ema_decay=-0.1), "ema_decay"),
-    (dict(min_decay_steps=-1), "min_decay_steps"),
+    (dict(removal="dpm_sp", decay_steps=0), "decay_steps"),
+    (dict(removal="dpm", decay_steps=-3), "decay_steps"),
+    (dict(removal="dpm", decay_steps="500"), "decay_steps"),
+    (dict(removal="dpm", decay_steps=10.5), "decay_steps"),
+    (dict(removal="dpm", len_threshold=-0.1), "len_threshold"),
+    (dict(removal="dpm", rate_threshold=1.0), "rate_threshold"),
+    (dict(removal="dpm", rate_threshold=-1.0), "rate_threshold"),
+    (dict(removal="dpm", ema_decay=1.0), "ema_decay"),
+    (dict(removal="dpm", ema_decay=-0.1), "ema_decay"),
+    (dict(removal="dpm", min_decay_steps=-1), "min_decay_steps"),
     (dict(removal="dpm", decay_steps=10, min_decay_steps=10), "min_decay_steps"),
-    (dict(cooldown=-1), "cooldown"),
+    (dict(removal="dpm", cooldown=-1), "cooldown"),
+    (dict(removal="dpm", cooldown=True), "cooldown"),
 ])
 def test_invalid_field_is_a_value_error_naming_it(kwargs, field):
-  with pytest.raises(ValueError, match=rf"Invalid pruning recipe: (.* )?{field}="):
-    Recipe(**kwargs)
+  with pytest.raises(ValueError, match=rf"{field}="):
+    recipes.depgraph(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [
     dict(target_flops=1.0),
     dict(target_flops=1e-3),
     dict(min_fraction=0.0, min_channels=1),
-    dict(decay_steps=1, min_decay_steps=0),
-    dict(rate_threshold=-0.99, len_threshold=0.0, ema_decay=0.0, cooldown=0),
+    dict(removal="dpm", decay_steps=1, min_decay_steps=0),
+    dict(removal="dpm", rate_threshold=-0.99, len_threshold=0.0, ema_decay=0.0, cooldown=0),
     dict(start_step=0, end_step=0, num_events=1),
     # min_decay_steps only matters for self-rectifying.
-    dict(removal="dpm_sp", decay_steps=5, min_decay_steps=10),
-    dict(removal="hard", decay_steps=1),
+    dict(removal="dpm_sp", decay_steps=5),
+    dict(removal="soft"),
 ])
 def test_valid_edges(kwargs):
-  Recipe(**kwargs)
+  recipes.depgraph(**kwargs)
 
 
 def test_unknown_choice_lists_the_allowed_ones():
-  with pytest.raises(ValueError, match="choose one of group_l2|l1, l2, group_l2"):
-    Recipe(criterion="l3")
-  with pytest.raises(ValueError, match="hard, dpm_sp, dpm"):
-    Recipe(removal="soft")
+  with pytest.raises(ValueError, match="criterion='l3'; choose one of l1, l2, group_l2"):
+    recipes.depgraph(criterion="l3")
+  with pytest.raises(ValueError, match="choose one of hard, soft, dpm_sp, dpm"):
+    recipes.depgraph(removal="gradual")
+
+
+def test_an_option_no_part_takes_is_an_error_naming_what_they_take():
+  # decay_steps is smooth pruning's; a hard removal does not decay.
+  with pytest.raises(ValueError, match=r"decay_steps.*removal=Hard.*take: end_step"):
+    recipes.depgraph(removal="hard", decay_steps=5)
+  with pytest.raises(ValueError, match="interval"):
+    recipes.depgraph(interval=10)
+  # A part passed as a value takes no options through the preset.
+  with pytest.raises(ValueError, match="decay_steps"):
+    recipes.depgraph(removal=removals.SmoothPruning(decay_steps=4), decay_steps=5)
+
+
+def test_option_names_follow_the_chosen_parts():
+  assert recipes.option_names("depgraph", removal="hard") == {
+      "start_step", "end_step", "num_events", "min_channels", "min_fraction",
+      "flops_tolerance", "normalize"}
+  dpm = recipes.option_names("depgraph", removal="dpm")
+  assert {"decay_steps", "cooldown", "rate_threshold", "start_step"} <= dpm
+  sfp = recipes.option_names("sfp", removal="dpm_sp")
+  assert "interval" in sfp and "num_events" not in sfp and "decay_steps" in sfp
+  with pytest.raises(ValueError, match="Unknown pruning method 'otov9'"):
+    recipes.option_names("otov9")
 
 
 def test_recipe_is_frozen_hashable_and_replace_validates():
-  r = Recipe()
+  r = recipes.depgraph()
   with pytest.raises(dataclasses.FrozenInstanceError):
     r.target_flops = 0.3
-  assert hash(r) == hash(Recipe())
-  assert r == Recipe()
+  assert hash(r) == hash(recipes.depgraph())
+  assert r == recipes.depgraph()
   r2 = r.replace(target_flops=0.3)
   assert r2.target_flops == 0.3 and r.target_flops == 0.5
-  with pytest.raises(ValueError, match="decay_steps="):
-    r.replace(decay_steps=0)
+  with pytest.raises(ValueError, match="target_flops="):
+    r.replace(target_flops=0.0)
 
 
-def test_defaults():
-  r = Recipe()
-  assert (r.criterion, r.allocation, r.removal, r.logic) == ("group_l2", "global", "dpm", "and")
-  assert r.target_flops == 0.5 and r.min_channels == 1
-  assert 0 <= r.min_decay_steps < r.decay_steps
+def test_a_recipe_holds_parts():
+  parts = dict(criterion=criteria.L2(), allocation=allocations.Global(),
+               schedule=schedules.Iterative(), removal=removals.Hard())
+  Recipe(0.5, **parts)
+  for kind in parts:
+    with pytest.raises(TypeError, match=f"{kind}="):
+      Recipe(0.5, **{**parts, kind: "l2"})
+
+
+def test_a_user_part_goes_into_a_preset():
+
+  @dataclasses.dataclass(frozen=True)
+  class Ones(pruning.Criterion):
+    def score(self, ctx, state, params):
+      return jnp.ones(ctx.num_channels)
+
+  r = recipes.depgraph(criterion=Ones(), removal="dpm", decay_steps=20)
+  assert isinstance(r.criterion, Ones) and r.removal.decay_steps == 20
 
 
 # ----------------------------------------------------------------------------------------
-# The event schedule.
+# Schedules.
 
 
 def test_one_shot_events():
-  r = Recipe(start_step=7, end_step=7, target_flops=0.4)
-  assert r.event_steps == (7,)
-  assert r.event_targets == pytest.approx((0.4,))
+  s = schedules.Iterative(start_step=7)
+  assert s.event_steps == (7,) and s.last_event == 7
+  assert s.targets(0.4) == pytest.approx((0.4,))
 
 
 def test_iterative_events_are_evenly_spaced_with_linear_targets():
-  r = Recipe(start_step=10, end_step=40, num_events=4, target_flops=0.5)
-  assert r.event_steps == (10, 20, 30, 40)
-  assert r.event_targets == pytest.approx((0.875, 0.75, 0.625, 0.5))
+  s = schedules.Iterative(start_step=10, end_step=40, num_events=4)
+  assert s.event_steps == (10, 20, 30, 40)
+  assert s.targets(0.5) == pytest.approx((0.875, 0.75, 0.625, 0.5))
   # Uneven spans are rounded; the first and last events are the start and end steps.
-  r = Recipe(start_step=0, end_step=10, num_events=4)
-  assert r.event_steps == (0, 3, 7, 10)
-  assert len(set(r.event_steps)) == 4
+  s = schedules.Iterative(start_step=0, end_step=10, num_events=4)
+  assert s.event_steps == (0, 3, 7, 10)
+  assert len(set(s.event_steps)) == 4
+
+
+def test_interval_events():
+  s = schedules.Interval(start_step=5, end_step=25, interval=10)
+  assert s.event_steps == (5, 15, 25) and s.last_event == 25
+  # The end is always an event: the last selection is made from the last weights.
+  s = schedules.Interval(start_step=5, end_step=21, interval=10)
+  assert s.event_steps == (5, 15, 21) and s.last_event == 21
+  with pytest.raises(ValueError, match="interval=0"):
+    schedules.Interval(interval=0)
 
 
 def test_last_step():
-  assert Recipe(removal="hard", end_step=30, start_step=30).last_step == 30
-  assert Recipe(removal="dpm_sp", end_step=30, start_step=30, decay_steps=20).last_step == 50
-  assert Recipe(removal="dpm", end_step=30, start_step=30, decay_steps=20).last_step == 50
+  one_shot = dict(start_step=30)
+  assert recipes.depgraph(removal="hard", **one_shot).last_step == 30
+  assert recipes.depgraph(removal="soft", **one_shot).last_step == 30
+  assert recipes.depgraph(removal="dpm_sp", decay_steps=20, **one_shot).last_step == 50
+  assert recipes.depgraph(removal="dpm", decay_steps=20, **one_shot).last_step == 50
 
 
 # ----------------------------------------------------------------------------------------
 # Presets.
 
 
+def _names(r: Recipe) -> tuple[str, ...]:
+  return tuple(type(p).__name__ for p in (r.criterion, r.allocation, r.schedule, r.removal))
+
+
 def test_depgraph_preset():
   # Iterative over a span; without one (the defaults) one-shot at step 0.
   r = recipes.depgraph(start_step=0, end_step=8)
-  assert (r.criterion, r.allocation, r.removal, r.num_events) == (
-      "group_l2", "global", "hard", 5)
-  assert r.event_steps == (0, 2, 4, 6, 8)
-  assert r.target_flops == 0.5
+  assert _names(r) == ("GroupL2", "Global", "Iterative", "Hard")
+  assert r.schedule.num_events == 5 and r.schedule.event_steps == (0, 2, 4, 6, 8)
+  assert r.target_flops == 0.5 and r.regularizer is None
   r = recipes.depgraph(target_flops=0.5, removal="dpm")
-  assert (r.num_events, r.event_steps, r.removal) == (1, (0,), "dpm")
+  assert r.schedule.event_steps == (0,) and isinstance(r.removal, removals.SelfRectifying)
   r = recipes.depgraph(target_flops=0.3, removal="dpm", start_step=100, end_step=500,
                        decay_steps=50, num_events=3)
-  assert (r.target_flops, r.removal, r.num_events, r.decay_steps) == (0.3, "dpm", 3, 50)
-  assert r.event_steps == (100, 300, 500)
-  for removal in recipes.REMOVALS:
-    assert recipes.depgraph(removal=removal, start_step=0, end_step=8).removal == removal
+  assert (r.target_flops, r.removal.decay_steps, r.schedule.event_steps) == (
+      0.3, 50, (100, 300, 500))
+  for name, cls in recipes.REMOVALS.items():
+    assert type(recipes.depgraph(removal=name, start_step=0, end_step=8).removal) is cls
 
 
 def test_magnitude_preset():
   r = recipes.magnitude()
-  assert (r.criterion, r.allocation, r.removal, r.num_events) == ("l1", "uniform", "hard", 1)
+  assert _names(r) == ("L1", "Uniform", "Iterative", "Hard")
+  assert r.schedule.event_steps == (0,)
   r = recipes.magnitude(target_flops=0.6, criterion="l2", allocation="global",
                         removal="dpm_sp", decay_steps=4)
-  assert (r.target_flops, r.criterion, r.allocation, r.removal, r.decay_steps) == (
-      0.6, "l2", "global", "dpm_sp", 4)
+  assert _names(r) == ("L2", "Global", "Iterative", "SmoothPruning")
+  assert (r.target_flops, r.removal.decay_steps) == (0.6, 4)
+
+
+def test_sfp_preset():
+  r = recipes.sfp(target_flops=0.6, start_step=0, end_step=100, interval=20)
+  assert _names(r) == ("L2", "Uniform", "Interval", "Soft")
+  assert r.schedule.event_steps == (0, 20, 40, 60, 80, 100)
+  # With smooth pruning or self-rectifying the decay ends in a soft zero, not a held one.
+  r = recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=5)
+  assert r.removal == removals.SmoothPruning(decay_steps=5, soft=True)
+  r = recipes.sfp(removal="dpm", start_step=0, end_step=100, interval=20, decay_steps=5,
+                  min_decay_steps=1)
+  assert isinstance(r.removal, removals.SelfRectifying) and r.removal.soft
+  assert recipes.sfp(allocation="global").allocation == allocations.Global()
+
+
+def test_sfp_rejects_what_is_not_soft_pruning():
+  with pytest.raises(ValueError, match="base removal is 'soft'"):
+    recipes.sfp(removal="hard")
+  # A decay must end before the next event selects afresh.
+  with pytest.raises(ValueError, match="decay_steps=20 while events are 20 steps apart"):
+    recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=20)
+  with pytest.raises(ValueError, match="decay_steps=10 while events are 5 steps apart"):
+    recipes.sfp(removal="dpm_sp", start_step=0, end_step=45, interval=20, decay_steps=10)
 
 
 def test_presets_validate():
   with pytest.raises(ValueError, match="target_flops="):
     recipes.depgraph(target_flops=2.0)
   with pytest.raises(ValueError, match="removal="):
-    recipes.magnitude(removal="soft")
+    recipes.magnitude(removal="gradual")
   with pytest.raises(ValueError, match="num_events="):
     recipes.depgraph(start_step=5, end_step=5, num_events=5)   # 5 events need a span
 
 
+def test_registry_names_every_preset():
+  assert set(recipes.PRESETS) == {"depgraph", "magnitude", "sfp"}
+  for name, preset in recipes.PRESETS.items():
+    assert isinstance(preset(), Recipe), name
+
+
 def test_docstring_examples():
-  result = doctest.testmod(recipes, optionflags=doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0
+  for module in (recipes, schedules):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, module.__name__

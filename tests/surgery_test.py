@@ -520,7 +520,7 @@ def test_optimizer_state_surgery(optimizer, as_state):
     params, opt_state, _ = step(params, stats, opt_state, x, y)
   assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(opt_state) if np.ndim(leaf) > 1)
 
-  sliced = dpm_jax.remove_channels_opt_state(opt_state, spec, keep)
+  sliced = dpm_jax.remove_channels_opt_state(tx, opt_state, spec, keep)
   # Every params-shaped subtree is sliced (optax knows where they are), nothing else.
   paths = jax.tree_util.tree_map_with_path(lambda p, _: "/".join(_spec_path(p)), params)
   expected = optax.tree_utils.tree_map_params(
@@ -662,7 +662,7 @@ def test_surgery_compiles_nothing(caplog):
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     small = dpm_jax.remove_channels(model, spec, keep)
     dpm_jax.zero_channels(nnx.to_pure_dict(nnx.state(model)), spec, keep)
-    dpm_jax.remove_channels_opt_state(opt_state, spec, keep)
+    dpm_jax.remove_channels_opt_state(optax.sgd(0.1, momentum=0.9), opt_state, spec, keep)
   assert small.convs[1].conv.kernel_shape == (3, 3, 2, 2)
   compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
   assert not compiles, compiles

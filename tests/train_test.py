@@ -19,6 +19,7 @@ from configs import test as test_config
 from dpm_jax import checkpoint
 from dpm_jax import models
 from train import main as main_lib
+from train import loop
 from train import train
 
 # With the test config's batch of 8: 3 steps per epoch.
@@ -37,11 +38,11 @@ def _model(config):
   )
 
 
-def _final_state(config, workdir) -> train.TrainState:
+def _final_state(config, workdir) -> loop.TrainState:
   """The last checkpointed state of a run's 'pretrain' phase."""
-  _, params, batch_stats = train.split_model(_model(config))
-  target = train.create_train_state(
-      params, batch_stats, train.create_optimizer(config, steps_per_epoch=3)
+  _, params, batch_stats = loop.split_model(_model(config))
+  target = loop.create_train_state(
+      params, batch_stats, loop.create_optimizer(config, steps_per_epoch=3)
   )
   manager = checkpoint.create_manager(workdir / 'pretrain')
   try:
@@ -51,7 +52,7 @@ def _final_state(config, workdir) -> train.TrainState:
 
 
 def _records(workdir) -> list[dict]:
-  return [json.loads(line) for line in (workdir / train.METRICS_FILENAME).read_text().splitlines()]
+  return [json.loads(line) for line in (workdir / loop.METRICS_FILENAME).read_text().splitlines()]
 
 
 def _assert_trees_equal(actual, expected) -> None:
@@ -77,15 +78,15 @@ def mock_run(tmp_path_factory):
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
   config = _config()
-  graphdefs, params, batch_stats = train.split_model(_model(config))
-  tx = train.create_optimizer(config, steps_per_epoch=10)
-  state = train.create_train_state(params, batch_stats, tx)
+  graphdefs, params, batch_stats = loop.split_model(_model(config))
+  tx = loop.create_optimizer(config, steps_per_epoch=10)
+  state = loop.create_train_state(params, batch_stats, tx)
   rng = np.random.default_rng(0)
   batch = {
       'image': rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
       'label': rng.integers(0, 10, 8).astype(np.int32),
   }
-  step_fn = train.make_train_step(graphdefs.train, tx)
+  step_fn = loop.make_train_step(graphdefs.train, tx)
   losses = []
   for _ in range(10):
     state, metrics = step_fn(state, batch)
@@ -94,28 +95,28 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   assert losses[-1] < 0.25 * losses[0], losses
   # Eval mode uses the running statistics that the train steps updated.
   assert jax.tree.leaves(state.batch_stats)
-  sums = train.make_eval_step(graphdefs.eval)(
+  sums = loop.make_eval_step(graphdefs.eval)(
       state.params, state.batch_stats, {**batch, 'mask': np.ones(8, np.float32)}
   )
   assert float(sums['count']) == 8.0
 
 
 def test_eval_step_ignores_padding_rows():
-  graphdefs, params, batch_stats = train.split_model(_model(_config()))
-  eval_fn = train.make_eval_step(graphdefs.eval)
+  graphdefs, params, batch_stats = loop.split_model(_model(_config()))
+  eval_fn = loop.make_eval_step(graphdefs.eval)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 6).astype(np.int32)
   real = {'image': images[:4], 'label': labels[:4], 'mask': np.ones(4, np.float32)}
   padded = {'image': images, 'label': labels, 'mask': np.array([1, 1, 1, 1, 0, 0], np.float32)}
   np.testing.assert_allclose(
-      train.evaluate(eval_fn, params, batch_stats, [padded])['loss'],
-      train.evaluate(eval_fn, params, batch_stats, [real])['loss'],
+      loop.evaluate(eval_fn, params, batch_stats, [padded])['loss'],
+      loop.evaluate(eval_fn, params, batch_stats, [real])['loss'],
       rtol=1e-6,
   )
   halves = [{k: v[:2] for k, v in real.items()}, {k: v[2:] for k, v in real.items()}]
-  assert train.evaluate(eval_fn, params, batch_stats, halves) == pytest.approx(
-      train.evaluate(eval_fn, params, batch_stats, [real]), rel=1e-6
+  assert loop.evaluate(eval_fn, params, batch_stats, halves) == pytest.approx(
+      loop.evaluate(eval_fn, params, batch_stats, [real]), rel=1e-6
   )
 
 
@@ -128,17 +129,17 @@ def test_learning_rate_schedules():
       lr_milestones=(4, 8),
       lr_decay_factor=0.1,
   )
-  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  lr = loop.create_learning_rate_schedule(config, steps_per_epoch=10)
   assert [float(lr(s)) for s in (0, 39, 40, 79, 80)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
 
   config.warmup_epochs = 2  # Milestones still count from the start of training.
-  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  lr = loop.create_learning_rate_schedule(config, steps_per_epoch=10)
   assert [float(lr(s)) for s in (0, 10, 20, 39, 40, 80)] == pytest.approx(
       [0.0, 0.05, 0.1, 0.1, 0.01, 0.001]
   )
 
   config.update(lr_schedule='cosine', warmup_epochs=0.0)
-  lr = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  lr = loop.create_learning_rate_schedule(config, steps_per_epoch=10)
   assert [float(lr(s)) for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-7)
 
 
@@ -152,7 +153,7 @@ def test_weight_decay_applies_to_kernels_only(optimizer):
       'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)},
       'bn': {'scale': jnp.ones(3)},
   }
-  tx = train.create_optimizer(config, steps_per_epoch=1)
+  tx = loop.create_optimizer(config, steps_per_epoch=1)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   assert np.all(np.asarray(updates['dense']['kernel']) < 0)
@@ -241,7 +242,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
     train.train_and_evaluate(config, tmp_path / 'uninterrupted')
 
     # Killed during step 5, after the epoch-1 checkpoint (step 3) and a metrics record of step 4.
-    make_train_step = train.make_train_step
+    make_train_step = loop.make_train_step
 
     def make_killing_train_step(graphdef, tx):
       step_fn, calls = make_train_step(graphdef, tx), []
@@ -254,11 +255,11 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
 
       return killing_step
 
-    monkeypatch.setattr(train, 'make_train_step', make_killing_train_step)
+    monkeypatch.setattr(loop, 'make_train_step', make_killing_train_step)
     with pytest.raises(_Killed):
       train.train_and_evaluate(config, tmp_path / 'resumed')
     assert [r['step'] for r in _records(tmp_path / 'resumed')] == [2, 3, 4]
-    monkeypatch.setattr(train, 'make_train_step', make_train_step)
+    monkeypatch.setattr(loop, 'make_train_step', make_train_step)
     train.train_and_evaluate(config, tmp_path / 'resumed')
 
   expected = jax.device_get(_final_state(config, tmp_path / 'uninterrupted'))
@@ -272,8 +273,8 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
 
 def test_train_phase_calls_its_hooks(tmp_path):
   config = _config(num_epochs=1)
-  graphdefs, params, batch_stats = train.split_model(_model(config))
-  tx = train.create_optimizer(config, steps_per_epoch=3)
+  graphdefs, params, batch_stats = loop.split_model(_model(config))
+  tx = loop.create_optimizer(config, steps_per_epoch=3)
   calls = []
   kwargs = dict(
       graphdefs=graphdefs,
@@ -283,19 +284,19 @@ def test_train_phase_calls_its_hooks(tmp_path):
       config=config,
       workdir=tmp_path,
       arch={'name': 'test'},
-      writer=train.MetricsWriter(tmp_path / train.METRICS_FILENAME),
+      writer=loop.MetricsWriter(tmp_path / loop.METRICS_FILENAME),
       step_callback=lambda step, state: calls.append(('step', step, int(state.step))),
       on_resume=lambda step: calls.append(('resume', step)),
   )
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    state, metrics = train.train_phase(
-        'phase', train.create_train_state(params, batch_stats, tx), **kwargs
+    state, metrics = loop.train_phase(
+        'phase', loop.create_train_state(params, batch_stats, tx), **kwargs
     )
     assert calls == [('resume', 0), ('step', 1, 1), ('step', 2, 2), ('step', 3, 3)]
     assert int(state.step) == 3 and set(metrics) >= {'test_accuracy', 'train_loss'}
     # Started again: restored at the end, nothing left to train.
-    _, params, batch_stats = train.split_model(_model(config))
-    train.train_phase('phase', train.create_train_state(params, batch_stats, tx), **kwargs)
+    _, params, batch_stats = loop.split_model(_model(config))
+    loop.train_phase('phase', loop.create_train_state(params, batch_stats, tx), **kwargs)
     assert calls[4:] == [('resume', 3)]
 
 

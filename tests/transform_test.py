@@ -2,8 +2,9 @@
 
 ``dpm_jax.prune`` must compose like any optax wrapper (``optax.chain`` on either side,
 ``optax.MultiSteps``, ``optax.inject_hyperparams``), accept extra arguments, keep dtypes,
-compile once for a whole run in which channels are selected, decayed, released and pruned,
-and end on the FLOPs target with removed channels exactly zero, so that surgery is exact.
+take a donated state, compile once for a whole run in which channels are selected, decayed,
+released and pruned, and end on the FLOPs target with removed channels exactly zero (after
+``finalize`` for soft pruning), so that surgery is exact: for every removal and every preset.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from flax import nnx
 
 import dpm_jax
 from dpm_jax import models
+from dpm_jax import pruning
 from dpm_jax import recipes
 from dpm_jax.groups import PRODUCER
-from dpm_jax.state import ACTIVE, DECAYING, PRUNED
+from dpm_jax.pruning import ACTIVE, DECAYING, PRUNED, SOFT
 
 NUM_IN, WIDTH, NUM_OUT = 4, 8, 2
 LR = 0.1
@@ -49,20 +51,30 @@ def _mlp_spec() -> dpm_jax.GroupSpec:
   return dpm_jax.trace_groups_fn(_mlp, _mlp_params(), jnp.zeros((1, NUM_IN)))
 
 
-def _recipe(removal: str = "dpm_sp", **overrides) -> dpm_jax.Recipe:
-  kw = dict(
-      criterion="l2",
-      allocation="global",
-      target_flops=0.5,
-      removal=removal,
-      start_step=0,
-      end_step=2,
-      num_events=2,
-      decay_steps=3,
-      min_decay_steps=1,
-  )
+def _recipe(removal: str = "dpm_sp", target_flops: float = 0.5, **overrides) -> dpm_jax.Recipe:
+  """DepGraph's recipe with the l2 criterion on two events, with the options ``removal``
+  takes."""
+  kw = dict(start_step=0, end_step=2, num_events=2, decay_steps=3, min_decay_steps=1)
   kw.update(overrides)
-  return recipes.Recipe(**kw)
+  takes = recipes.option_names("depgraph", removal=removal)
+  return recipes.depgraph(target_flops, removal, criterion="l2",
+                          **{k: v for k, v in kw.items() if k in takes})
+
+
+# Every removal and every preset, on the MLP: (factory, whether removed channels are held at
+# zero during training). Each ends with half of the MLP's channels removed.
+RECIPES: dict[str, tuple[Callable[[], dpm_jax.Recipe], bool]] = {
+    "depgraph_hard": (lambda: _recipe("hard"), True),
+    "depgraph_soft": (lambda: _recipe("soft"), False),
+    "depgraph_dpm_sp": (lambda: _recipe("dpm_sp"), True),
+    "depgraph_dpm": (lambda: _recipe("dpm"), True),
+    "magnitude_hard": (lambda: recipes.magnitude(0.5, start_step=1), True),
+    "sfp_soft": (lambda: recipes.sfp(0.5, start_step=0, end_step=4, interval=2), False),
+    "sfp_dpm_sp": (lambda: recipes.sfp(0.5, "dpm_sp", start_step=0, end_step=8, interval=4,
+                                       decay_steps=3), False),
+    "sfp_dpm": (lambda: recipes.sfp(0.5, "dpm", start_step=0, end_step=8, interval=4,
+                                    decay_steps=3, min_decay_steps=1, cooldown=2), False),
+}
 
 
 def _grads(params, seed: int):
@@ -127,13 +139,14 @@ COMPOSITIONS: dict[str, tuple[Callable, int]] = {
 
 
 @functools.cache
-def _composed(name: str):
-  """``COMPOSITIONS[name]`` running ``_recipe('dpm_sp')`` on the MLP, and its jitted step
-  (shared by the tests that use it: each compile costs about a second)."""
+def _composed(name: str, recipe_name: str = "depgraph_dpm_sp"):
+  """``COMPOSITIONS[name]`` running ``RECIPES[recipe_name]`` on the MLP, and its jitted step
+  with params and state donated (shared by the tests that use it: each compile costs about a
+  second)."""
   factory, _ = COMPOSITIONS[name]
-  tx = factory(_mlp_spec(), _recipe("dpm_sp"))
+  tx = factory(_mlp_spec(), RECIPES[recipe_name][0]())
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, grads):
     # Extra arguments are tolerated by every composition.
     updates, opt_state = tx.update(grads, opt_state, params, foo=1)
@@ -143,36 +156,52 @@ def _composed(name: str):
   return tx, step
 
 
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
 def _run_composed(name: str, params, num_steps: int):
   """``num_steps`` steps of ``_composed(name)`` on ``_grads``; the params after each."""
   tx, step = _composed(name)
   opt_state = tx.init(params)
+  params = _copy(params)
   out = []
   for i in range(num_steps):
     params, opt_state = step(params, opt_state, _grads(params, i))
-    out.append(params)
+    out.append(_copy(params))
   return out, opt_state
 
 
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
 @pytest.mark.parametrize("name", list(COMPOSITIONS))
-def test_composition_runs_the_recipe(name):
+def test_composition_runs_the_recipe(name, recipe_name):
   _, every_k = COMPOSITIONS[name]
-  recipe = _recipe("dpm_sp")
-  tx, step = _composed(name)
+  make_recipe, held = RECIPES[recipe_name]
+  recipe = make_recipe()
+  tx, step = _composed(name, recipe_name)
   params = _mlp_params()
   opt_state = tx.init(params)
   num_steps = recipe.last_step + 2
+  seen = set()
   for i in range(num_steps * every_k):
     params, opt_state = step(params, opt_state, _grads(params, i // every_k))
+    seen.update(np.unique(np.asarray(pruning.channel_status(dpm_jax.prune_state(opt_state)))))
   assert step._cache_size() == 1
   ps = dpm_jax.prune_state(opt_state)
   assert int(ps.count) == num_steps
   keep = dpm_jax.keep_masks(opt_state)
   assert [k.shape for k in keep] == [(WIDTH,)]
   assert int(keep[0].sum()) == WIDTH // 2
-  np.testing.assert_array_equal(np.asarray(ps.status) == PRUNED, ~keep[0])
-  assert np.all(_producers_removed(params, keep) == 0.0)
+  np.testing.assert_array_equal(np.asarray(ps.status[0]) != ACTIVE, ~keep[0])
   assert np.all(np.asarray(params["w1"])[:, keep[0]] != 0.0)
+  if held:  # removed channels are held at exactly zero while training goes on
+    np.testing.assert_array_equal(np.asarray(ps.status[0]) == PRUNED, ~keep[0])
+    assert np.all(_producers_removed(params, keep) == 0.0)
+  else:  # soft: zeroed at their event, then free to regrow; finalize zeroes them
+    assert SOFT in seen and PRUNED not in seen
+    assert np.any(_producers_removed(params, keep) != 0.0)
+    final, final_keep = dpm_jax.finalize(params, opt_state, _mlp_spec())
+    assert np.all(_producers_removed(final, final_keep) == 0.0)
   # The inner state is found too: plain SGD has an empty one.
   inner = dpm_jax.inner_state(opt_state)
   assert jax.tree.leaves(inner) == [] or name.startswith("inner_inject")
@@ -218,8 +247,9 @@ def test_multi_steps_prunes_on_the_mean_gradient():
   opt_state = tx.init(params)
   for i in range(6):
     grads = _grads(params, i)
+    before = _copy(params)
     mid, opt_state = step(params, opt_state, grads)
-    chex.assert_trees_all_equal(mid, params)  # nothing moves on the first mini-step
+    chex.assert_trees_all_equal(mid, before)  # nothing moves on the first mini-step
     assert int(dpm_jax.prune_state(opt_state).count) == i
     params, opt_state = step(mid, opt_state, grads)
     assert int(dpm_jax.prune_state(opt_state).count) == i + 1
@@ -236,21 +266,21 @@ def test_learning_rate_changed_in_the_state(where):
   # rebuilt under the trace of every update).
   tx, step = _composed(f"{where}_inject_hyperparams")
   params = _mlp_params()
-  params, opt_state = step(params, tx.init(params), _grads(params, 0))
+  params, opt_state = step(_copy(params), tx.init(params), _grads(params, 0))
   ps = dpm_jax.prune_state(opt_state)
-  decaying = np.asarray(ps.status) == DECAYING
+  decaying = np.asarray(ps.status[0]) == DECAYING
   assert decaying.sum() == 2  # the first of two events: 3/4 of the MACs
+  l_init = np.asarray(ps.removal.init_norm)[decaying]  # (read before the state is donated)
   # Set the learning rate to zero: active channels stop; decaying ones still decay.
   hyper = (dpm_jax.inner_state(opt_state) if where == "inner" else opt_state).hyperparams
   assert float(hyper["learning_rate"]) == pytest.approx(LR)
   hyper["learning_rate"] = jnp.zeros_like(hyper["learning_rate"])
-  before = params
+  before = _copy(params)
   params, opt_state = step(params, opt_state, _grads(params, 1))
   assert step._cache_size() == 1
   np.testing.assert_array_equal(params["w1"][:, ~decaying], before["w1"][:, ~decaying])
   np.testing.assert_array_equal(params["w2"], before["w2"])
   # Decaying channels: step 2 of N = 3 from L_init.
-  l_init = np.asarray(ps.init_norm)[decaying]
   np.testing.assert_allclose(_channel_norms(params)[decaying], l_init / 3, rtol=1e-5)
 
 
@@ -273,9 +303,11 @@ def test_extra_args_reach_an_inner_optimizer_that_takes_them():
   chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.5 * g, grads))
 
 
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_dtype_is_kept(dtype):
-  spec, recipe = _mlp_spec(), _recipe("dpm_sp")
+def test_dtype_is_kept(dtype, recipe_name):
+  spec, (make_recipe, held) = _mlp_spec(), RECIPES[recipe_name]
+  recipe = make_recipe()
   tx = dpm_jax.prune(optax.sgd(LR, momentum=0.9), spec, recipe)
   params = _mlp_params(dtype)
 
@@ -290,7 +322,8 @@ def test_dtype_is_kept(dtype):
     params, opt_state = step(params, opt_state, _grads(params, i))
   assert step._cache_size() == 1
   assert all(x.dtype == dtype for x in jax.tree.leaves(params))
-  keep = dpm_jax.keep_masks(opt_state)
+  params, keep = dpm_jax.finalize(params, opt_state, spec)
+  assert all(x.dtype == dtype for x in jax.tree.leaves(params))
   assert int(keep[0].sum()) == WIDTH // 2
   assert np.all(_producers_removed(params, keep) == 0.0)
 
@@ -355,24 +388,25 @@ def test_spec_with_a_collection_prefix():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(decay_steps=0), "decay_steps"),
+        (dict(removal="dpm", decay_steps=0), "decay_steps"),
         (dict(target_flops=0.0), "target_flops"),
         (dict(target_flops=1.5), "target_flops"),
     ],
 )
 def test_bad_recipe_fails_before_training(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    dpm_jax.prune(optax.sgd(LR), _mlp_spec(), recipes.Recipe(**kwargs))
+    dpm_jax.prune(optax.sgd(LR), _mlp_spec(), recipes.depgraph(**kwargs))
 
 
 def test_unreachable_target_fails_at_construction():
   with pytest.raises(ValueError, match="target_flops=0.01 cannot be met"):
-    dpm_jax.prune(optax.sgd(LR), _mlp_spec(), recipes.Recipe(target_flops=0.01, min_fraction=0.5))
+    dpm_jax.prune(optax.sgd(LR), _mlp_spec(),
+                  recipes.depgraph(target_flops=0.01, min_fraction=0.5))
   # The digits CNN's input and output widths are not prunable: with one channel per group
   # it keeps 1178 of its 1330432 MACs, more than 0.05%.
   with pytest.raises(ValueError, match="target_flops=0.0005 cannot be met"):
-    dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.Recipe(target_flops=0.0005))
-  dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.Recipe(target_flops=0.001))
+    dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.depgraph(target_flops=0.0005))
+  dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.depgraph(target_flops=0.001))
 
 
 def test_recipe_must_be_a_recipe():
@@ -439,20 +473,15 @@ def _get(tree, path):
   return tree
 
 
-@pytest.mark.parametrize("removal", ["hard", "dpm_sp", "dpm"])
+@pytest.mark.parametrize("removal", ["hard", "soft", "dpm_sp", "dpm"])
 def test_digits_cnn_reaches_the_target_and_surgery_is_exact(removal):
   spec, train_def, eval_def, params, stats = _digits()
   target = 0.5
-  recipe = recipes.depgraph(
-      target_flops=target,
-      removal=removal,
-      start_step=0,
-      end_step=8,
-      num_events=5,
-      decay_steps=3,
-      min_decay_steps=1,
-      cooldown=4,
-  )
+  options = dict(start_step=0, end_step=8, num_events=5, decay_steps=3, min_decay_steps=1,
+                 cooldown=4)
+  takes = recipes.option_names("depgraph", removal=removal)
+  recipe = recipes.depgraph(target_flops=target, removal=removal,
+                            **{k: v for k, v in options.items() if k in takes})
   tx = dpm_jax.prune(optax.sgd(0.05, momentum=0.9), spec, recipe)
 
   # One trace and one compile for the whole run (selections at 5 events, decays, releases
@@ -480,29 +509,30 @@ def test_digits_cnn_reaches_the_target_and_surgery_is_exact(removal):
     x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 10, 16)
     params, stats, opt_state = train_step(params, stats, opt_state, x, y)
-    seen.update(np.unique(np.asarray(dpm_jax.prune_state(opt_state).status)).tolist())
+    ps = dpm_jax.prune_state(opt_state)
+    seen.update(np.unique(np.asarray(pruning.channel_status(ps))).tolist())
     # The masks leaving every step meet the target of the events so far.
-    event_target = recipe.event_targets[sum(s <= i for s in recipe.event_steps) - 1]
+    targets, steps = recipe.schedule.targets(target), recipe.schedule.event_steps
+    event_target = targets[sum(s <= i for s in steps) - 1]
     assert dpm_jax.spec_cost(spec, dpm_jax.keep_masks(opt_state)).macs / dense <= (
         event_target + 1e-9
     ), i
   assert train_step._cache_size() == 1
   ps = dpm_jax.prune_state(opt_state)
-  if removal == "hard":
-    assert seen == {ACTIVE, PRUNED}
-  else:
-    assert seen == {ACTIVE, DECAYING, PRUNED}
+  assert seen == {"hard": {ACTIVE, PRUNED}, "soft": {ACTIVE, SOFT}}.get(
+      removal, {ACTIVE, DECAYING, PRUNED})
+  released, _ = pruning.given_back(ps)
   if removal == "dpm":  # the default thresholds release channels on this run
-    assert int(ps.released.sum()) > 0
+    assert int(released.sum()) > 0
   else:
-    assert int(ps.released.sum()) == 0
+    assert int(released.sum()) == 0
 
   keep = dpm_jax.keep_masks(opt_state)
   ratio = dpm_jax.spec_cost(spec, keep).macs / dense
   assert ratio <= target + 1e-9
   # Within 1% of the target, although one conv1 channel costs up to 2.8% of the MACs.
   assert ratio >= target - 0.01, ratio
-  assert all(k.sum() >= recipe.min_channels for k in keep)
+  assert all(k.sum() >= recipe.allocation.min_channels for k in keep)
 
   params, keep = dpm_jax.finalize(params, opt_state, spec)
   for g, k in zip(spec.groups, keep):
@@ -562,9 +592,8 @@ def test_global_allocation_normalises_over_the_kept_channels():
   # Event 1 (target 149/192) removes A's three tiny channels (132 MACs left); event 2
   # (106/192) must remove two more A channels (92) or four B channels (104).
   # (flops_tolerance=0.5: no swaps for a closer landing; this test is about the ranking.)
-  recipe = recipes.Recipe(criterion="l2", allocation="global", target_flops=106 / 192,
-                          start_step=0, end_step=1, num_events=2, removal="hard",
-                          flops_tolerance=0.5)
+  recipe = recipes.depgraph(106 / 192, "hard", criterion="l2", start_step=0, end_step=1,
+                            num_events=2, flops_tolerance=0.5)
   tx = dpm_jax.prune(optax.sgd(0.0), spec, recipe)
   out, opt_state = _run_on_grads(tx, params, 2)
   keep = dpm_jax.keep_masks(opt_state)
@@ -573,3 +602,112 @@ def test_global_allocation_normalises_over_the_kept_channels():
   # A's kept mean, 1.0) so they go, not four of B's 1.0 channels.
   assert keep[0].tolist() == [False] * 5 + [True] * 3, keep
   assert keep[1].all(), keep
+
+
+# ----------------------------------------------------------------------------------------
+# optax utilities, parts of one's own, non-finite gradients.
+
+
+def test_map_params_on_a_prune_state():
+  # optax.tree.map_params finds the params-shaped trees (the inner momentum) inside a prune
+  # state, as surgery and sharding need; the pruning state's own arrays are not params.
+  spec, params = _mlp_spec(), _mlp_params()
+  tx = dpm_jax.prune(optax.sgd(LR, momentum=0.9), spec, _recipe("dpm"))
+  _, opt_state = _run_on_grads(tx, params, 3)
+  mapped = optax.tree.map_params(tx, lambda x: jnp.full_like(x, 7.0), opt_state)
+  momentum = jax.tree.leaves(dpm_jax.inner_state(mapped))
+  assert len(momentum) == 3 and all(np.all(np.asarray(m) == 7.0) for m in momentum)
+  chex.assert_trees_all_equal(dpm_jax.prune_state(mapped), dpm_jax.prune_state(opt_state))
+  specs = optax.tree.map_params(tx, lambda x: "params", opt_state,
+                                transform_non_params=lambda _: "pruning")
+  assert set(jax.tree.leaves(dpm_jax.inner_state(specs))) == {"params"}
+  assert set(jax.tree.leaves(dpm_jax.prune_state(specs))) == {"pruning"}
+  # Surgery slices the momentum of the pruned channels away.
+  keep = dpm_jax.keep_masks(opt_state)
+  small = dpm_jax.remove_channels_opt_state(tx, opt_state, spec, keep)
+  assert dpm_jax.inner_state(small)[0].trace["w1"].shape == (NUM_IN, int(keep[0].sum()))
+
+
+def test_a_criterion_of_ones_own_accumulates_what_it_sees():
+
+  class GradientMass(pruning.Criterion):
+    """The summed gradient norm of every channel over the steps seen so far."""
+
+    def init(self, ctx, params):
+      return jnp.zeros(ctx.num_channels)
+
+    def update(self, ctx, state, step):
+      from dpm_jax import channels
+      return state + jnp.sqrt(channels.sq_norms(ctx.index, step.grads))
+
+    def score(self, ctx, state, params):
+      return state
+
+  spec, params = _mlp_spec(), _mlp_params()
+  recipe = recipes.depgraph(0.5, "hard", criterion=GradientMass(), start_step=3)
+  tx = dpm_jax.prune(optax.sgd(0.0), spec, recipe)
+  opt_state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  scale = np.array([1, 5, 1, 5, 1, 5, 1, 5], np.float32)
+  for i in range(4):
+    g = {"w1": np.ones((NUM_IN, WIDTH), np.float32) * scale, "b1": np.zeros(WIDTH, np.float32),
+         "w2": np.zeros((WIDTH, NUM_OUT), np.float32)}
+    if i == 3:  # the event's own gradients come after its selection
+      g["w1"] = g["w1"] * (100.0 / scale)
+    _, opt_state = step(g, opt_state, params)
+  # The channels with the least gradient over steps 0-2 go at the event (step 3).
+  assert dpm_jax.keep_masks(opt_state)[0].tolist() == [False, True] * 4
+  np.testing.assert_allclose(dpm_jax.prune_state(opt_state).criterion[1],
+                             2.0 * (3 * 5 + 100), rtol=1e-6)
+
+
+def test_a_regularizer_acts_before_the_inner_optimizer():
+
+  class L2Term(pruning.Regularizer):
+    def update(self, ctx, state, grads, params, status, count):
+      return jax.tree.map(lambda g, p: g + 0.5 * p, grads, params), state
+
+  spec, params = _mlp_spec(), _mlp_params()
+  inner = optax.sgd(LR, momentum=0.9)
+  recipe = recipes.depgraph(0.5, "hard", start_step=100, regularizer=L2Term())
+  pruned, _ = _run_on_grads(dpm_jax.prune(inner, spec, recipe), params, 3)
+  plain, _ = _run_on_grads(optax.chain(optax.add_decayed_weights(0.5), inner), params, 3)
+  for p, q in zip(pruned, plain):
+    chex.assert_trees_all_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def _nan_grads(params):
+  g = _grads(params, 99)
+  g["w2"][0, 0] = np.nan
+  return g
+
+
+@pytest.mark.parametrize("guard", ["inside", "outside", "none"])
+def test_a_step_with_non_finite_gradients_leaves_the_pruning_state_alone(guard):
+  spec, params = _mlp_spec(), _mlp_params()
+  recipe = _recipe("dpm", start_step=0, end_step=0, num_events=1, decay_steps=6)
+  inner = optax.sgd(LR, momentum=0.9)
+  tx = {"inside": lambda: dpm_jax.prune(optax.apply_if_finite(inner, 5), spec, recipe),
+        "outside": lambda: optax.apply_if_finite(dpm_jax.prune(inner, spec, recipe), 5),
+        "none": lambda: dpm_jax.prune(inner, spec, recipe)}[guard]()
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)))
+  opt_state = tx.init(params)
+  for i in range(2):  # channels are decaying, gradient history is running
+    params, opt_state = step(params, opt_state, _grads(params, i))
+  before = dpm_jax.prune_state(opt_state)
+  assert int((np.asarray(before.status[0]) == DECAYING).sum()) > 0
+  bad_params, bad_state = step(params, opt_state, _nan_grads(params))
+  chex.assert_trees_all_equal(dpm_jax.prune_state(bad_state), before)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(dpm_jax.prune_state(bad_state)))
+  if guard == "none":  # without a guard the parameters are lost, the pruning state is not
+    assert not np.all(np.isfinite(np.asarray(bad_params["w2"])))
+    return
+  chex.assert_trees_all_equal(bad_params, params)
+  # Training goes on as if the step had not happened.
+  good, good_state = params, opt_state
+  for i in range(2, 6):
+    bad_params, bad_state = step(bad_params, bad_state, _grads(bad_params, i))
+    good, good_state = step(good, good_state, _grads(good, i))
+  chex.assert_trees_all_close(bad_params, good, rtol=1e-6)
+  chex.assert_trees_all_equal(dpm_jax.prune_state(bad_state), dpm_jax.prune_state(good_state))

@@ -25,31 +25,41 @@ from flax import nnx
 import dpm_jax
 from dpm_jax import channels
 from dpm_jax import checkpoint
+from dpm_jax import pruning
 from dpm_jax import recipes
 from dpm_jax import report
-from train import train as train_lib
+from train import loop
 
-METHODS = {"depgraph": recipes.depgraph, "magnitude": recipes.magnitude}
 TRAJECTORIES = "trajectories.npz"
+# Fields of `config.pruning` in epochs, and the recipe options they become (in steps).
+_EPOCH_FIELDS = {"start_epoch": "start_step", "end_epoch": "end_step",
+                 "interval_epochs": "interval"}
+# Fields that are not options of a recipe's parts.
+_RUN_FIELDS = {"enabled", "method", "criterion", "allocation", "removal", "target_flops",
+               "epochs", "learning_rate", "lr_schedule", "record_every_steps",
+               "finetune_epochs", "finetune_learning_rate", "finetune_lr_schedule"}
 
 
 def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> recipes.Recipe:
-  """The `Recipe` of `config.pruning` (epochs converted to optimizer steps)."""
-  if pc.method not in METHODS:
+  """The `Recipe` of `config.pruning`: its preset (`method`) with the parts it names, and
+  those of its option fields that the chosen parts take (epochs converted to optimizer
+  steps; an event at the end of the phase is taken at its last step)."""
+  if pc.method not in recipes.PRESETS:
     raise ValueError(f"Unknown config.pruning.method {pc.method!r}; valid choices: "
-                     f"{', '.join(sorted(METHODS))}.")
-  overrides = dict(
-      target_flops=pc.target_flops, removal=pc.removal,
-      start_step=round(pc.start_epoch * steps_per_epoch),
-      end_step=round(pc.end_epoch * steps_per_epoch), num_events=pc.num_events,
-      decay_steps=pc.decay_steps, rate_threshold=pc.rate_threshold,
-      len_threshold=pc.len_threshold, ema_decay=pc.ema_decay, logic=pc.logic,
-      min_decay_steps=pc.min_decay_steps, cooldown=pc.cooldown,
-      min_channels=pc.min_channels, min_fraction=pc.min_fraction)
-  for field in ("criterion", "allocation"):
-    if pc.get(field):
-      overrides[field] = pc[field]
-  return METHODS[pc.method](**overrides)
+                     f"{', '.join(sorted(recipes.PRESETS))}.")
+  names = {"removal": pc.removal, "criterion": pc.get("criterion") or None,
+           "allocation": pc.get("allocation") or None}
+  names = {k: v for k, v in names.items() if v}
+  prune_steps = round(pc.epochs * steps_per_epoch)
+  values = {}
+  for field, value in pc.items():
+    if field in _EPOCH_FIELDS:
+      values[_EPOCH_FIELDS[field]] = min(round(value * steps_per_epoch), max(prune_steps - 1, 0))
+    elif field not in _RUN_FIELDS:
+      values[field] = value
+  takes = recipes.option_names(pc.method, **names)
+  options = {k: v for k, v in values.items() if k in takes}
+  return recipes.PRESETS[pc.method](target_flops=pc.target_flops, **names, **options)
 
 
 def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
@@ -60,8 +70,8 @@ def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: 
   if recipe.last_step >= prune_steps:
     raise ValueError(
         f"config.pruning.epochs={pc.epochs} ({prune_steps} steps) is too short: the last "
-        f"pruning event is at step {recipe.end_step} and its channels need "
-        f"{0 if recipe.removal == 'hard' else recipe.decay_steps} more steps to decay. "
+        f"pruning event is at step {recipe.schedule.last_event} and its channels need "
+        f"{recipe.removal.settle_steps} more steps to reach zero. "
         "Lengthen the phase, move end_epoch earlier or shorten decay_steps.")
   if pc.finetune_epochs < 0:
     raise ValueError(f"config.pruning.finetune_epochs must be >= 0, got {pc.finetune_epochs}.")
@@ -94,19 +104,19 @@ class TrajectoryRecorder:
       self.norms = list(old.norms[keep])
       self.status = list(old.status[keep])
 
-  def __call__(self, step: int, state: train_lib.TrainState) -> None:
+  def __call__(self, step: int, state: loop.TrainState) -> None:
     if step % self.every:
       return
     ps = dpm_jax.prune_state(state.opt_state)
     self.steps.append(step)
     self.norms.append(np.asarray(self._norms(state.params)))
-    self.status.append(np.asarray(ps.status))
+    self.status.append(np.asarray(pruning.channel_status(ps)))
     self.last = ps
 
   def trajectories(self, ps) -> report.Trajectories:
+    released, released_at = pruning.given_back(ps)
     return report.Trajectories(np.asarray(self.steps), np.asarray(self.norms),
-                               np.asarray(self.status), np.asarray(ps.released),
-                               np.asarray(ps.released_at))
+                               np.asarray(self.status), released, released_at)
 
   def save(self, ps) -> report.Trajectories:
     traj = self.trajectories(ps)
@@ -119,12 +129,12 @@ def _model(graphdef, params, batch_stats) -> nnx.Module:
 
 
 def _sample_batch(config) -> dict[str, Any]:
-  return next(iter(train_lib.eval_batches(config)))
+  return next(iter(loop.eval_batches(config)))
 
 
-def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib.TrainState,
-        *, graphdefs: train_lib.GraphDefs, steps_per_epoch: int,
-        writer: train_lib.MetricsWriter, dense_metrics: Mapping[str, float]) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.TrainState,
+        *, graphdefs: loop.GraphDefs, steps_per_epoch: int,
+        writer: loop.MetricsWriter, dense_metrics: Mapping[str, float]) -> dict[str, Any]:
   """Prune-train, finalize, surgery, fine-tune, evaluate, export and report.
 
   Args:
@@ -151,17 +161,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib
   # Prune-train: the recipe runs inside the optimizer.
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
                            lr_schedule=pc.lr_schedule)
-  inner = train_lib.create_optimizer(prune_cfg, steps_per_epoch)
+  inner = loop.create_optimizer(prune_cfg, steps_per_epoch)
   tx = dpm_jax.prune(inner, spec, recipe)
-  prune_state0 = train_lib.create_train_state(state.params, state.batch_stats, tx)
+  prune_state0 = loop.create_train_state(state.params, state.batch_stats, tx)
   recorder = TrajectoryRecorder(channels.ChannelIndex.build(spec), pc.record_every_steps,
                                 workdir / "prune" / TRAJECTORIES)
   start = time.perf_counter()
-  pruned, prune_metrics = train_lib.train_phase(
+  pruned, prune_metrics = loop.train_phase(
       "prune", prune_state0, graphdefs=graphdefs, tx=tx,
       num_steps=round(pc.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
       config=config, workdir=workdir, arch=dense_arch, writer=writer,
-      learning_rate_fn=train_lib.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
+      learning_rate_fn=loop.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
       step_callback=recorder, on_resume=recorder.resume)
   ps = dpm_jax.prune_state(pruned.opt_state)
   traj = recorder.save(ps)
@@ -175,10 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib
                                        - small(jnp.asarray(sample["image"])))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
-  small_graphdefs, small_params, small_stats = train_lib.split_model(small)
-  eval_fn = train_lib.make_eval_step(small_graphdefs.eval)
-  after_surgery = train_lib.evaluate(eval_fn, small_params, small_stats,
-                                     train_lib.eval_batches(config))
+  small_graphdefs, small_params, small_stats = loop.split_model(small)
+  eval_fn = loop.make_eval_step(small_graphdefs.eval)
+  after_surgery = loop.evaluate(eval_fn, small_params, small_stats,
+                                     loop.eval_batches(config))
 
   # Fine-tune the smaller network.
   finetune_metrics = {"test_accuracy": after_surgery["accuracy"],
@@ -187,13 +197,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib
   if pc.finetune_epochs > 0:
     ft_cfg = phase_config(config, learning_rate=pc.finetune_learning_rate,
                           epochs=pc.finetune_epochs, lr_schedule=pc.finetune_lr_schedule)
-    ft_tx = train_lib.create_optimizer(ft_cfg, steps_per_epoch)
-    ft_state = train_lib.create_train_state(small_params, small_stats, ft_tx)
-    ft_state, finetune_metrics = train_lib.train_phase(
+    ft_tx = loop.create_optimizer(ft_cfg, steps_per_epoch)
+    ft_state = loop.create_train_state(small_params, small_stats, ft_tx)
+    ft_state, finetune_metrics = loop.train_phase(
         "finetune", ft_state, graphdefs=small_graphdefs, tx=ft_tx,
         num_steps=round(pc.finetune_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
         config=config, workdir=workdir, arch=small.arch(), writer=writer,
-        learning_rate_fn=train_lib.create_learning_rate_schedule(ft_cfg, steps_per_epoch))
+        learning_rate_fn=loop.create_learning_rate_schedule(ft_cfg, steps_per_epoch))
     final_params, final_stats = ft_state.params, ft_state.batch_stats
   elapsed = time.perf_counter() - start
 
@@ -211,16 +221,14 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: train_lib
       "flops_ratio": pruned_cost.macs / dense_cost.macs,
       "params_ratio": pruned_cost.params / dense_cost.params,
       "surgery_max_abs_diff": surgery_diff,
-      "released_channels": int((np.asarray(ps.released) > 0).sum()),
-      "releases": int(np.asarray(ps.released).sum()),
+      "released_channels": int((traj.released > 0).sum()),
+      "releases": int(traj.released.sum()),
   }
   writer.write({"phase": "result", **result})
   (workdir / "result.json").write_text(json.dumps(result, indent=2))
   summary = {
       "model": f"{config.model} on {config.dataset}",
-      "recipe": f"{pc.method}, removal={recipe.removal}, criterion={recipe.criterion}, "
-                f"allocation={recipe.allocation}, target_flops={recipe.target_flops}, "
-                f"{recipe.num_events} events, decay_steps={recipe.decay_steps}",
+      "recipe": f"{pc.method} (removal={pc.removal}): {recipe}",
       "test accuracy": f"dense {result['dense_test_accuracy']:.4f} -> after pruning "
                        f"{result['prune_test_accuracy']:.4f} -> after surgery "
                        f"{result['surgery_test_accuracy']:.4f} -> fine-tuned "

@@ -1,24 +1,27 @@
-"""How many channels to remove where: FLOPs-targeted global and uniform allocation.
+"""Allocations: which channels to remove at an event, to meet the event's FLOPs target.
 
-All functions are pure and jittable over flat ``[K]`` channel vectors (see
-``dpm_jax.channels``). The FLOPs of any keep configuration come from ``FlopsModel``, a dense
-form of the traced layers: every layer's MACs are ``const * prod(d in dims: fixed_d +
-W[d] @ keep)``.
+``Global`` ranks all channels together (DepGraph); ``Uniform`` removes the same fraction of
+every group (SFP, magnitude pruning). Both never leave a group with fewer than
+``min_channels`` channels (nor fewer than ``min_fraction`` of them). The pure functions below
+are jittable over flat ``[K]`` channel vectors (see ``dpm_jax.channels``); the FLOPs of any
+keep configuration come from ``dpm_jax.flops.FlopsModel``.
 
 Example:
 
   >>> import jax.numpy as jnp, numpy as np
-  >>> from dpm_jax import groups, allocation
+  >>> from dpm_jax import groups
+  >>> from dpm_jax.flops import FlopsModel
+  >>> from dpm_jax.pruning import allocations
   >>> def mlp(v, x):
   ...   return jnp.maximum(x @ v['w1'], 0) @ v['w2']
   >>> v = {'w1': jnp.ones((4, 8)), 'w2': jnp.ones((8, 2))}
   >>> spec = groups.trace_groups_fn(mlp, v, jnp.zeros((1, 4)))
-  >>> model = allocation.FlopsModel.build(spec)
+  >>> model = FlopsModel.build(spec)
   >>> float(model.macs(jnp.ones(8)))            # 4*8 + 8*2
   48.0
   >>> scores = jnp.arange(8.0)
-  >>> removed = allocation.select_global(model, scores, jnp.ones(8, bool), jnp.zeros(8, bool),
-  ...                                    0.5 * 48, jnp.ones(1, jnp.int32))
+  >>> removed = allocations.select_global(model, scores, jnp.ones(8, bool),
+  ...                                     jnp.zeros(8, bool), 0.5 * 48, jnp.ones(1, jnp.int32))
   >>> np.nonzero(np.asarray(removed))[0].tolist()   # the four least important go
   [0, 1, 2, 3]
 """
@@ -26,84 +29,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpm_jax import channels
+from dpm_jax.flops import FlopsModel
 from dpm_jax.groups import GroupSpec
+from dpm_jax.pruning.base import Allocation, Context, State, check_float, check_int
 
-__all__ = ["FlopsModel", "min_keep", "select_global", "select_uniform", "check_reachable"]
-
-
-@dataclasses.dataclass(frozen=True)
-class FlopsModel:
-  """Dense MAC model of a traced network over the flat channel vector.
-
-  Attributes:
-    weights: ``[D, K]`` entries of dimension ``d`` per kept channel ``k``.
-    fixed: ``[D]`` unprunable entries of every dimension.
-    layer_dims: ``[L, M]`` the dimensions of each layer, padded with ``D`` (a dimension of
-      size one).
-    const: ``[L]`` the MACs of a layer per unit of each of its dimensions.
-  """
-
-  weights: np.ndarray
-  fixed: np.ndarray
-  layer_dims: np.ndarray
-  const: np.ndarray
-  segment_ids: np.ndarray
-
-  @classmethod
-  def build(cls, spec: GroupSpec) -> FlopsModel:
-    sizes = spec.sizes
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int) if sizes else []
-    k = int(sum(sizes))
-    rows, fixed, layer_dims, const = [], [], [], []
-    for layer in spec.layers:
-      dims = []
-      for dim in layer.dims:
-        w = np.zeros(k, np.float32)
-        for t in dim.terms:
-          start = starts[t.group]
-          idx = (np.arange(sizes[t.group]) if t.channels is None else np.asarray(t.channels))
-          w[start + idx] += t.multiplicity
-        dims.append(len(rows))
-        rows.append(w)
-        fixed.append(dim.fixed)
-      layer_dims.append(dims)
-      const.append(layer.const)
-    d = len(rows)
-    width = max((len(x) for x in layer_dims), default=1)
-    padded = np.full((len(layer_dims), width), d, np.int32)
-    for i, dims in enumerate(layer_dims):
-      padded[i, :len(dims)] = dims
-    weights = np.stack(rows) if rows else np.zeros((0, k), np.float32)
-    seg = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-    return cls(weights, np.asarray(fixed, np.float32), padded, np.asarray(const, np.float64),
-               seg)
-
-  def dim_sizes(self, keep: jax.Array) -> jax.Array:
-    """``[D]`` entries of every dimension when ``keep`` (``[K]`` bool or float) is kept."""
-    return jnp.asarray(self.fixed) + jnp.asarray(self.weights) @ keep.astype(jnp.float32)
-
-  def _macs_from_dims(self, dims: jax.Array) -> jax.Array:
-    # dims: [D, ...]; append the unit dimension used for padding.
-    ones = jnp.ones((1,) + dims.shape[1:], dims.dtype)
-    full = jnp.concatenate([dims, ones], axis=0)
-    per_layer = jnp.prod(full[jnp.asarray(self.layer_dims)], axis=1)   # [L, ...]
-    const = jnp.asarray(self.const, jnp.float32).reshape((-1,) + (1,) * (dims.ndim - 1))
-    return jnp.sum(const * per_layer, axis=0)
-
-  def macs(self, keep: jax.Array) -> jax.Array:
-    """MACs of the network with ``keep`` channels."""
-    return self._macs_from_dims(self.dim_sizes(keep))
-
-  @property
-  def dense_macs(self) -> float:
-    # Eager even under a trace: `prune` may be built inside one (optax.inject_hyperparams).
-    with jax.ensure_compile_time_eval():
-      return float(self.macs(jnp.ones(self.weights.shape[1])))
+__all__ = ["GuardedAllocation", "Global", "Uniform", "min_keep", "check_reachable", "normalize", "select_global",
+           "select_uniform"]
 
 
 def min_keep(spec: GroupSpec, min_channels: int, min_fraction: float) -> np.ndarray:
@@ -179,7 +117,7 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   dims0 = model.dim_sizes(~removed)                                      # [D]
   w_sorted = jnp.asarray(model.weights)[:, order] * allowed[None, :]     # [D, K]
   dims = jnp.concatenate([dims0[:, None], dims0[:, None] - jnp.cumsum(w_sorted, axis=1)], 1)
-  macs = model._macs_from_dims(dims)                                    # [K + 1]
+  macs = model.macs_of_dims(dims)                                    # [K + 1]
   reached = macs <= target_macs
   n = jnp.where(jnp.any(reached), jnp.argmax(reached), macs.shape[0] - 1)
   take_sorted = allowed & (jnp.arange(order.shape[0]) < n)
@@ -194,7 +132,7 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     take, dims = carry
     c = back[i]
     more = dims + weights[:, c]
-    ok = take[c] & (model._macs_from_dims(more) <= target_macs)
+    ok = take[c] & (model.macs_of_dims(more) <= target_macs)
     return take.at[c].set(take[c] & ~ok), jnp.where(ok, more, dims)
 
   dims_n = dims[:, jnp.minimum(n, dims.shape[1] - 1)]
@@ -210,8 +148,8 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     counts = _group_counts(seg, ~gone, num_groups).at[seg[c]].add(1)
     returned = dims_now + weights[:, c]                               # [D]
     options = returned[:, None] - weights                             # [D, K]
-    macs_now = model._macs_from_dims(dims_now)
-    macs = model._macs_from_dims(options)                             # [K]
+    macs_now = model.macs_of_dims(dims_now)
+    macs = model.macs_of_dims(options)                             # [K]
     fits = (candidates & ~gone & (counts[seg] - 1 >= minimum[seg])
             & (macs <= target_macs) & (macs > macs_now))
     d = jnp.argmin(jnp.where(fits, scores, jnp.inf))
@@ -256,3 +194,91 @@ def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
 
   _, hi = jax.lax.fori_loop(0, iterations, body, (jnp.float32(0.0), jnp.float32(1.0)))
   return selection(hi)
+
+
+def normalize(index: channels.ChannelIndex, scores: jax.Array,
+              where: jax.Array | None = None) -> jax.Array:
+  """Scores divided by their group's mean, so groups of different scale compare (DepGraph).
+
+  The mean is over the channels in ``where`` (default: all): pass the kept channels, as
+  DepGraph's removed channels are gone from the layer it normalises over.
+  """
+  where = jnp.ones_like(scores, bool) if where is None else where
+  mean = channels.segment_mean(index, scores, where)
+  return scores / jnp.maximum(mean, 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedAllocation(Allocation):
+  """An allocation that never leaves a group with fewer than ``min_channels`` channels, nor
+  with fewer than ``min_fraction`` of them (rounded up); its ``check`` fails early when the
+  FLOPs target cannot be met within that guard."""
+
+  min_channels: int = 1
+  min_fraction: float = 0.0
+
+  def __post_init__(self):
+    name = type(self).__name__
+    check_int(name, "min_channels", self.min_channels, 1)  # a group may not be emptied
+    check_float(name, "min_fraction", self.min_fraction, 0.0, 1.0, high_open=True)
+
+  def minimum(self, spec: GroupSpec) -> np.ndarray:
+    """``[G]`` the fewest channels the allocation may leave in each group."""
+    return min_keep(spec, self.min_channels, self.min_fraction)
+
+  def check(self, ctx: Context) -> None:
+    check_reachable(ctx.flops, ctx.spec, self.minimum(ctx.spec), ctx.target_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Global(GuardedAllocation):
+  """Ranks every channel of every group together and removes the least important until the
+  event's MACs are met (DepGraph's global pruning; see ``select_global``).
+
+  Attributes:
+    min_channels: never leave a group with fewer channels than this...
+    min_fraction: ... nor with fewer than this fraction of its channels (rounded up).
+    flops_tolerance: land at most this fraction of the dense FLOPs under an event's target
+      when a swap can (our choice; DepGraph stops at the first channel that meets it).
+    normalize: divide scores by their group's mean over its kept channels first, so that
+      groups of different scale compare (DepGraph); ``False`` ranks raw scores.
+  """
+
+  flops_tolerance: float = 0.005
+  normalize: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_float("Global", "flops_tolerance", self.flops_tolerance, 0.0, 1.0, high_open=True)
+    if not isinstance(self.normalize, bool):
+      raise ValueError(f"Global: normalize={self.normalize!r} must be a bool.")
+
+  def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
+             removed: jax.Array, target_macs: jax.Array,
+             params: Any) -> tuple[jax.Array, State]:
+    del params
+    if self.normalize:
+      scores = normalize(ctx.index, scores, where=~removed)
+    selected = select_global(ctx.flops, scores, candidates, removed, target_macs,
+                             jnp.asarray(self.minimum(ctx.spec)),
+                             tolerance_macs=self.flops_tolerance * ctx.dense_macs)
+    return selected, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(GuardedAllocation):
+  """Removes the same fraction of every group, the least important channels of each, to meet
+  the event's MACs (see ``select_uniform``).
+
+  Attributes:
+    min_channels: never leave a group with fewer channels than this...
+    min_fraction: ... nor with fewer than this fraction of its channels (rounded up).
+  """
+
+  def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
+             removed: jax.Array, target_macs: jax.Array,
+             params: Any) -> tuple[jax.Array, State]:
+    del params
+    selected = select_uniform(ctx.flops, scores, candidates, removed, target_macs,
+                              jnp.asarray(self.minimum(ctx.spec)))
+    return selected, state

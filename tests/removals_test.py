@@ -1,5 +1,5 @@
-"""Tests for the pruning state: its pure functions, and DPM's smooth pruning and
-self-rectifying as the transform runs them.
+"""Tests for the removals and the pruning state: their pure functions, and DPM's smooth
+pruning and self-rectifying as the transform runs them.
 
 The unit tests use small hand-made arrays with hand-computed expectations. The transform
 tests feed hand-crafted gradients to ``dpm_jax.prune`` on a tiny MLP (one group of 8
@@ -19,22 +19,24 @@ import pytest
 from flax import nnx
 
 import dpm_jax
+from dpm_jax import pruning
 from dpm_jax import recipes
-from dpm_jax import state
-from dpm_jax.state import ACTIVE, DECAYING, PRUNED
+from dpm_jax.pruning import removals
+from dpm_jax.pruning import state
+from dpm_jax.pruning.base import ACTIVE, DECAYING, PRUNED, SOFT
 
 # ----------------------------------------------------------------------------------------
 # Helpers.
 
 
-def _state(sizes, **fields) -> state.PruneState:
-  """``state.init(sizes)`` with some fields replaced (numpy values are converted)."""
-  s = state.init(sizes)
-  fixed = {}
-  for name, value in fields.items():
-    dtype = getattr(s, name).dtype
-    fixed[name] = jnp.asarray(value, dtype)
-  return s._replace(**fixed)
+def _i8(values) -> jax.Array:
+  return jnp.asarray(values, jnp.int8)
+
+
+def _prune_state(status_per_group) -> state.PruneState:
+  empty = optax.EmptyState()
+  s = state.init([len(s) for s in status_per_group], empty, empty, empty, empty, empty)
+  return s._replace(status=tuple(_i8(s) for s in status_per_group))
 
 
 def _keep_lists(s: state.PruneState) -> list[list[bool]]:
@@ -96,68 +98,120 @@ def _random_grads(params, seed: int):
 
 
 # ----------------------------------------------------------------------------------------
-# init, flat_keep, mark_selected.
+# The state: keep masks and ratios follow from the status.
 
 
 def test_init_is_all_active():
-  s = state.init((3, 2))
-  assert s.status.dtype == jnp.int8
-  np.testing.assert_array_equal(s.status, np.zeros(5))
+  empty = optax.EmptyState()
+  s = state.init((3, 2), empty, empty, empty, empty, empty)
+  assert all(x.dtype == jnp.int8 for x in s.status)
+  np.testing.assert_array_equal(state.channel_status(s), np.zeros(5))
   assert _keep_lists(s) == [[True] * 3, [True] * 2]
-  np.testing.assert_array_equal(s.ratio, [0.0, 0.0])
-  np.testing.assert_array_equal(s.released, np.zeros(5))
+  np.testing.assert_array_equal(state.ratios(s), [0.0, 0.0])
   assert int(s.count) == 0
-  np.testing.assert_array_equal(state.flat_keep(s), np.ones(5, bool))
+  released, _ = state.given_back(s)
+  np.testing.assert_array_equal(released, np.zeros(5))
 
 
 def test_state_is_a_pytree_of_fixed_shapes():
-  s = state.init((3, 2))
+  s = _prune_state([[ACTIVE, DECAYING, PRUNED], [SOFT, ACTIVE]])
   doubled = jax.tree.map(lambda x: x, s)
   assert isinstance(doubled, state.PruneState)
   assert [x.shape for x in jax.tree.leaves(s)] == [x.shape for x in jax.tree.leaves(doubled)]
 
 
-@pytest.mark.parametrize("hard", [False, True])
-def test_mark_selected(hard):
-  s = _state((3, 2), status=[ACTIVE, ACTIVE, ACTIVE, ACTIVE, ACTIVE])
-  selected = np.array([False, True, True, False, True])
-  norms = np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
-  scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32)
-  out = state.mark_selected(s, selected, norms, hard=hard, scores=scores)
-  mark = PRUNED if hard else DECAYING
-  np.testing.assert_array_equal(out.status, [ACTIVE, mark, mark, ACTIVE, mark])
-  assert _keep_lists(out) == [[True, False, False], [True, False]]
-  np.testing.assert_allclose(out.ratio, [2 / 3, 1 / 2], rtol=1e-6)
-  np.testing.assert_array_equal(out.init_norm, [0.0, 2.0, 3.0, 0.0, 5.0])
-  np.testing.assert_array_equal(out.decay_step, np.zeros(5))
-  np.testing.assert_array_equal(out.importance, scores)
+def test_keep_is_active_and_ratios_are_the_removed_share():
+  # Decaying, pruned and soft-pruned channels are all selected for removal: not kept.
+  s = _prune_state([[ACTIVE, DECAYING, PRUNED], [SOFT, ACTIVE]])
+  assert _keep_lists(s) == [[True, False, False], [False, True]]
+  np.testing.assert_allclose(state.ratios(s), [2 / 3, 1 / 2], rtol=1e-6)
+  flat = state.channel_status(s)
+  np.testing.assert_array_equal(flat, [ACTIVE, DECAYING, PRUNED, SOFT, ACTIVE])
+  back = state.split_status(s, flat.at[0].set(PRUNED))
+  assert [x.tolist() for x in back] == [[PRUNED, DECAYING, PRUNED], [SOFT, ACTIVE]]
 
 
-def test_mark_selected_leaves_channels_already_selected_alone():
-  s = state.init((2, 2))
-  s = state.mark_selected(
-      s, np.array([True, True, False, False]), np.array([7.0, 8, 0, 0]), hard=False
-  )
-  s = s._replace(
+# ----------------------------------------------------------------------------------------
+# What selection does: Hard, Soft and SmoothPruning's mark.
+
+
+def _ctx(sizes=(3, 2)) -> pruning.Context:
+  """A context with groups of ``sizes``: an MLP 4 -> a -> b -> 2."""
+  a, b = sizes
+
+  def mlp(v, x):
+    return jnp.maximum(jnp.maximum(x @ v["w1"] + v["b1"], 0) @ v["w2"], 0) @ v["w3"]
+
+  v = {"w1": jnp.zeros((4, a)), "b1": jnp.zeros(a), "w2": jnp.zeros((a, b)),
+       "w3": jnp.zeros((b, 2))}
+  return pruning.Context.build(dpm_jax.trace_groups_fn(mlp, v, jnp.zeros((1, 4))), 0.5)
+
+
+def _params_with_norms(norms_a, norms_b) -> dict[str, jax.Array]:
+  """MLP params whose channels' producer norms are ``norms_a`` and ``norms_b``."""
+  w1 = np.zeros((4, len(norms_a)), np.float32)
+  w1[0] = norms_a
+  w2 = np.zeros((len(norms_a), len(norms_b)), np.float32)
+  w2[0] = norms_b
+  return {"w1": jnp.asarray(w1), "b1": jnp.zeros(len(norms_a)), "w2": jnp.asarray(w2),
+          "w3": jnp.ones((len(norms_b), 2))}
+
+
+@pytest.mark.parametrize("removal, mark", [
+    (removals.Hard(), PRUNED), (removals.Soft(), SOFT),
+    (removals.SmoothPruning(decay_steps=4), DECAYING)])
+def test_mark(removal, mark):
+  ctx = _ctx()
+  params = _params_with_norms([1.0, 2.0, 3.0], [4.0, 5.0])
+  status = _i8([ACTIVE] * 5)
+  new = np.array([False, True, True, False, True])
+  out, st = removal.mark(ctx, removal.init(ctx, params), status, new, params)
+  np.testing.assert_array_equal(out, [ACTIVE, mark, mark, ACTIVE, mark])
+  if isinstance(removal, removals.SmoothPruning):
+    np.testing.assert_allclose(st.init_norm, [0.0, 2.0, 3.0, 0.0, 5.0])  # L_init
+    np.testing.assert_array_equal(st.decay_step, np.zeros(5))
+  else:
+    assert st == optax.EmptyState()  # no memory: nothing in the pruning state
+
+
+def test_mark_leaves_channels_not_marked_alone():
+  ctx = _ctx((2, 2))
+  removal = removals.SelfRectifying(decay_steps=10, min_decay_steps=1)
+  st = removal.init(ctx, None)._replace(
       decay_step=jnp.asarray([3, 0, 0, 0], jnp.int32),
-      rate_ema=jnp.asarray([0.5, 0, 0, 0], jnp.float32),
-  )
-  out = state.mark_selected(
-      s, np.array([True, False, True, False]), np.array([1.0, 1.0, 9.0, 1.0]), hard=False
-  )
-  # Channel 0 keeps decaying from where it was; channel 2 is new.
-  np.testing.assert_array_equal(out.status, [DECAYING, DECAYING, DECAYING, ACTIVE])
-  np.testing.assert_array_equal(out.decay_step, [3, 0, 0, 0])
-  np.testing.assert_array_equal(out.init_norm, [7.0, 8.0, 9.0, 0.0])
-  np.testing.assert_array_equal(out.rate_ema, [0.5, 0.0, 0.0, 0.0])
-  assert _keep_lists(out) == [[False, False], [False, True]]
-  np.testing.assert_allclose(out.ratio, [1.0, 0.5])
+      init_norm=jnp.asarray([7.0, 8.0, 0.0, 0.0]),
+      rate_ema=jnp.asarray([0.5, 0, 0.4, 0], jnp.float32))
+  status = _i8([DECAYING, DECAYING, ACTIVE, ACTIVE])
+  params = _params_with_norms([1.0, 1.0], [9.0, 1.0])
+  out, st = removal.mark(ctx, st, status, np.array([False, False, True, False]), params)
+  # Channel 0 keeps decaying from where it was; channel 2 is new (its rate EMA restarts).
+  np.testing.assert_array_equal(out, [DECAYING, DECAYING, DECAYING, ACTIVE])
+  np.testing.assert_array_equal(st.decay_step, [3, 0, 0, 0])
+  np.testing.assert_array_equal(st.init_norm, [7.0, 8.0, 9.0, 0.0])
+  np.testing.assert_array_equal(st.rate_ema, [0.5, 0.0, 0.0, 0.0])
 
 
-def test_mark_selected_without_scores_keeps_importance():
-  s = _state((2,), importance=[3.0, 4.0])
-  out = state.mark_selected(s, np.array([True, False]), np.ones(2), hard=True)
-  np.testing.assert_array_equal(out.importance, [3.0, 4.0])
+def test_soft_removal_selects_afresh_at_every_event():
+  ctx = _ctx()
+  status = _i8([SOFT, ACTIVE, SOFT, ACTIVE, SOFT])
+  for removal in (removals.Soft(), removals.SmoothPruning(decay_steps=2, soft=True)):
+    out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
+    np.testing.assert_array_equal(out, np.zeros(5))
+  # Hard removal and held smooth pruning keep earlier selections.
+  for removal in (removals.Hard(), removals.SmoothPruning(decay_steps=2)):
+    out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
+    np.testing.assert_array_equal(out, status)
+
+
+def test_cooldown_keeps_released_channels_out_of_the_candidates():
+  ctx = _ctx((2, 2))
+  removal = removals.SelfRectifying(decay_steps=10, min_decay_steps=1, cooldown=5)
+  st = removal.init(ctx, None)._replace(released_at=jnp.asarray([10, 12, 0, 14], jnp.int32))
+  status = _i8([ACTIVE, ACTIVE, DECAYING, ACTIVE])
+  np.testing.assert_array_equal(removal.candidates(ctx, st, status, jnp.asarray(16)),
+                                [True, False, False, False])
+  np.testing.assert_array_equal(removals.Hard().candidates(ctx, None, status, 16),
+                                [True, True, False, True])
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,43 +221,46 @@ def test_mark_selected_without_scores_keeps_importance():
 def test_decay_factors_hand_computed():
   # N = 4. ch0 active; ch1 decaying, n 0 -> 1, L_init 2; ch2 decaying n 3 -> 4 (= N);
   # ch3 pruned; ch4 decaying with x~ = 0 (no NaN).
-  s = _state(
-      (5,),
-      status=[ACTIVE, DECAYING, DECAYING, PRUNED, DECAYING],
-      decay_step=[0, 0, 3, 4, 1],
-      init_norm=[9.0, 2.0, 4.0, 1.0, 3.0],
-  )
-  out, factor = state.decay_factors(s, jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4)
+  status = _i8([ACTIVE, DECAYING, DECAYING, PRUNED, DECAYING])
+  out, n, factor = removals.decay_factors(
+      status, jnp.asarray([0, 0, 3, 4, 1]), jnp.asarray([9.0, 2.0, 4.0, 1.0, 3.0]),
+      jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4)
   # ch1: target 2 * (4 - 1) / 4 = 1.5 over ||x~|| = 4.
   np.testing.assert_allclose(factor, [1.0, 0.375, 0.0, 0.0, 0.0], rtol=1e-7)
-  np.testing.assert_array_equal(out.status, [ACTIVE, DECAYING, PRUNED, PRUNED, DECAYING])
-  np.testing.assert_array_equal(out.decay_step, [0, 1, 4, 4, 2])
+  np.testing.assert_array_equal(out, [ACTIVE, DECAYING, PRUNED, PRUNED, DECAYING])
+  np.testing.assert_array_equal(n, [0, 1, 4, 4, 2])
   assert np.all(np.isfinite(factor))
-  # The keep masks are not touched by decaying.
-  assert _keep_lists(out) == _keep_lists(s)
+  # Not held: the channel that reaches zero is soft-pruned, free to regrow.
+  out, _, factor = removals.decay_factors(
+      status, jnp.asarray([0, 0, 3, 4, 1]), jnp.asarray([9.0, 2.0, 4.0, 1.0, 3.0]),
+      jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4, hold=False)
+  np.testing.assert_array_equal(out, [ACTIVE, DECAYING, SOFT, PRUNED, DECAYING])
+  assert float(factor[2]) == 0.0
 
 
 @pytest.mark.parametrize("decay_steps", [1, 3, 5])
 def test_decay_factors_reach_zero_after_exactly_n_steps(decay_steps):
-  s = _state((1,), status=[DECAYING], init_norm=[2.0])
+  status, n = _i8([DECAYING]), jnp.zeros(1, jnp.int32)
+  l_init = jnp.array([2.0])
   norm = 2.0
-  for n in range(1, decay_steps + 1):
-    s, factor = state.decay_factors(s, jnp.array([norm * 1.1]), decay_steps)
+  for step in range(1, decay_steps + 1):
+    status, n, factor = removals.decay_factors(status, n, l_init, jnp.array([norm * 1.1]),
+                                               decay_steps)
     norm = float(norm * 1.1 * factor[0])
-    np.testing.assert_allclose(norm, 2.0 * (decay_steps - n) / decay_steps, atol=1e-6)
-    assert int(s.status[0]) == (PRUNED if n == decay_steps else DECAYING)
+    np.testing.assert_allclose(norm, 2.0 * (decay_steps - step) / decay_steps, atol=1e-6)
+    assert int(status[0]) == (PRUNED if step == decay_steps else DECAYING)
   assert norm == 0.0
   # Held at zero from then on.
-  s, factor = state.decay_factors(s, jnp.array([1.0]), decay_steps)
-  assert float(factor[0]) == 0.0 and int(s.status[0]) == PRUNED
+  status, n, factor = removals.decay_factors(status, n, l_init, jnp.array([1.0]), decay_steps)
+  assert float(factor[0]) == 0.0 and int(status[0]) == PRUNED
 
 
 def test_decay_factors_jit():
-  s = _state((2,), status=[DECAYING, ACTIVE], init_norm=[1.0, 1.0])
-  fn = jax.jit(state.decay_factors, static_argnums=2)
-  out, factor = fn(s, jnp.array([1.0, 1.0]), 2)
+  fn = jax.jit(removals.decay_factors, static_argnums=(4, 5))
+  status, n, factor = fn(_i8([DECAYING, ACTIVE]), jnp.zeros(2, jnp.int32), jnp.ones(2),
+                         jnp.array([1.0, 1.0]), 2, True)
   np.testing.assert_allclose(factor, [0.5, 1.0])
-  assert isinstance(out, state.PruneState)
+  np.testing.assert_array_equal(n, [1, 0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,114 +270,82 @@ def test_decay_factors_jit():
 def test_update_gradient_history_hand_computed():
   # ch0 active, ch1 decaying (first step: the rate EMA starts at the rate), ch2 decaying
   # (later step), ch3 pruned.
-  s = _state(
-      (4,),
-      status=[ACTIVE, DECAYING, DECAYING, PRUNED],
-      decay_step=[0, 0, 2, 5],
-      grad_norm_ema=[1.0, 2.0, 3.0, 4.0],
-      rate_ema=[0.7, 0.7, 0.5, 0.3],
-  )
-  out = state.update_gradient_history(
-      s, jnp.array([3.0, 4.0, 5.0, 6.0]), jnp.array([0.1, 0.2, -0.5, 0.9]), 0.75
-  )
+  grad_ema, rate_ema = removals.update_gradient_history(
+      _i8([ACTIVE, DECAYING, DECAYING, PRUNED]), jnp.asarray([0, 0, 2, 5]),
+      jnp.asarray([1.0, 2.0, 3.0, 4.0]), jnp.asarray([0.7, 0.7, 0.5, 0.3]),
+      jnp.array([3.0, 4.0, 5.0, 6.0]), jnp.array([0.1, 0.2, -0.5, 0.9]), 0.75)
   np.testing.assert_allclose(
-      out.grad_norm_ema,
+      grad_ema,
       [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 4, 0.75 * 3 + 0.25 * 5, 0.75 * 4 + 0.25 * 6],
       rtol=1e-6,
   )
-  np.testing.assert_allclose(out.rate_ema, [0.7, 0.2, 0.75 * 0.5 + 0.25 * -0.5, 0.3], rtol=1e-6)
-  np.testing.assert_array_equal(out.status, s.status)
+  np.testing.assert_allclose(rate_ema, [0.7, 0.2, 0.75 * 0.5 + 0.25 * -0.5, 0.3], rtol=1e-6)
 
 
 def test_update_gradient_history_zero_decay_is_the_last_value():
-  s = _state(
-      (2,),
-      status=[DECAYING, ACTIVE],
-      decay_step=[3, 0],
-      rate_ema=[0.9, 0.0],
-      grad_norm_ema=[5.0, 5.0],
-  )
-  out = state.update_gradient_history(s, jnp.array([1.0, 2.0]), jnp.array([-0.2, 0.4]), 0.0)
-  np.testing.assert_allclose(out.grad_norm_ema, [1.0, 2.0])
-  np.testing.assert_allclose(out.rate_ema, [-0.2, 0.0])
+  grad_ema, rate_ema = removals.update_gradient_history(
+      _i8([DECAYING, ACTIVE]), jnp.asarray([3, 0]), jnp.asarray([5.0, 5.0]),
+      jnp.asarray([0.9, 0.0]), jnp.array([1.0, 2.0]), jnp.array([-0.2, 0.4]), 0.0)
+  np.testing.assert_allclose(grad_ema, [1.0, 2.0])
+  np.testing.assert_allclose(rate_ema, [-0.2, 0.0])
 
 
 # ----------------------------------------------------------------------------------------
-# release.
+# release and record_release.
 
-
-def _release_state():
-  # Group 0: ch0..ch3 decaying after 3 steps, with (rate, len) = (+, +), (+, -), (-, +),
-  # (-, -); ch4 active and ch5 pruned, both passing both tests (never released).
-  # Group 1: ch6 decaying after 1 step only, passing both tests.
-  s = state.init((6, 1))
-  s = state.mark_selected(s, np.array([1, 1, 1, 1, 0, 1, 1], bool), jnp.full(7, 2.0), hard=False)
-  return s._replace(
-      count=jnp.asarray(17, jnp.int32),
-      status=jnp.asarray([DECAYING] * 4 + [ACTIVE, PRUNED, DECAYING], jnp.int8),
-      decay_step=jnp.asarray([3, 3, 3, 3, 0, 5, 1], jnp.int32),
-      rate_ema=jnp.asarray([0.2, 0.2, -0.2, -0.2, 0.2, 0.2, 0.2], jnp.float32),
-  )
-
-
+# Group 0: ch0..ch3 decaying after 3 steps, with (rate, len) = (+, +), (+, -), (-, +),
+# (-, -); ch4 active and ch5 pruned, both passing both tests (never released).
+# Group 1: ch6 decaying after 1 step only, passing both tests.
+RELEASE_STATUS = _i8([DECAYING] * 4 + [ACTIVE, PRUNED, DECAYING])
+RELEASE_DECAY_STEP = jnp.asarray([3, 3, 3, 3, 0, 5, 1], jnp.int32)
+RELEASE_RATE_EMA = jnp.asarray([0.2, 0.2, -0.2, -0.2, 0.2, 0.2, 0.2], jnp.float32)
 RELATIVE_GRAD = jnp.array([2.0, 0.5, 2.0, 0.5, 2.0, 2.0, 2.0])
+
+
+def _release(**kwargs) -> np.ndarray:
+  kw = dict(rate_threshold=0.1, len_threshold=1.0, logic="and", min_decay_steps=2)
+  kw.update(kwargs)
+  return np.asarray(removals.release(RELEASE_STATUS, RELEASE_DECAY_STEP, RELEASE_RATE_EMA,
+                                     RELATIVE_GRAD, **kw))
 
 
 @pytest.mark.parametrize(
     "logic, released", [("and", [1, 0, 0, 0, 0, 0, 0]), ("or", [1, 1, 1, 0, 0, 0, 0])]
 )
 def test_release_logic(logic, released):
-  s = _release_state()
-  out = state.release(
-      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=1.0, logic=logic, min_decay_steps=2
-  )
-  released = np.asarray(released, bool)
-  np.testing.assert_array_equal(out.released, released.astype(int))
-  np.testing.assert_array_equal(out.status, np.where(released, ACTIVE, np.asarray(s.status)))
-  np.testing.assert_array_equal(out.released_at[released], 17)
-  np.testing.assert_array_equal(out.released_at[~released], state.init((7,)).released_at[0])
-  np.testing.assert_array_equal(out.decay_step, np.where(released, 0, s.decay_step))
-  # The keep mask is restored for the released channels only.
-  np.testing.assert_array_equal(state.flat_keep(out), np.asarray(state.flat_keep(s)) | released)
-  removed0 = 6 - int(np.asarray(state.flat_keep(out))[:6].sum())
-  np.testing.assert_allclose(out.ratio, [removed0 / 6, 1.0])
-  # A released channel keeps what it remembered of its decay.
-  np.testing.assert_array_equal(out.init_norm, s.init_norm)
+  np.testing.assert_array_equal(_release(logic=logic), np.asarray(released, bool))
 
 
 def test_release_waits_for_min_decay_steps():
-  s = _release_state()
-  kwargs = dict(rate_threshold=0.1, len_threshold=1.0, logic="and")
   # ch6 (1 decay step) passes both tests but must wait for min_decay_steps = 2.
-  out = state.release(s, RELATIVE_GRAD, min_decay_steps=2, **kwargs)
-  assert int(out.status[6]) == DECAYING and int(out.released[6]) == 0
-  out = state.release(s, RELATIVE_GRAD, min_decay_steps=1, **kwargs)
-  assert int(out.status[6]) == ACTIVE and int(out.released[6]) == 1
-  assert _keep_lists(out)[1] == [True]
-  np.testing.assert_allclose(out.ratio[1], 0.0)
+  assert not _release(min_decay_steps=2)[6]
+  assert _release(min_decay_steps=1)[6]
   # ch0 (3 steps) is not released with min_decay_steps = 4.
-  out = state.release(s, RELATIVE_GRAD, min_decay_steps=4, **kwargs)
-  np.testing.assert_array_equal(out.released, np.zeros(7))
+  assert not _release(min_decay_steps=4).any()
 
 
 def test_release_thresholds_are_strict():
-  s = _release_state()
-  out = state.release(
-      s, RELATIVE_GRAD, rate_threshold=0.2, len_threshold=1.0, logic="and", min_decay_steps=0
-  )
-  assert int(out.released.sum()) == 0
-  out = state.release(
-      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=2.0, logic="and", min_decay_steps=0
-  )
-  assert int(out.released.sum()) == 0
+  assert not _release(rate_threshold=0.2, min_decay_steps=0).any()
+  assert not _release(len_threshold=2.0, min_decay_steps=0).any()
 
 
-def test_release_counts_accumulate():
-  s = _release_state()._replace(released=jnp.asarray([2, 0, 0, 0, 0, 0, 0], jnp.int32))
-  out = state.release(
-      s, RELATIVE_GRAD, rate_threshold=0.1, len_threshold=1.0, logic="and", min_decay_steps=0
-  )
-  assert int(out.released[0]) == 3
+def test_record_release():
+  ctx = _ctx((6, 1))
+  st = removals.SelfRectifying(decay_steps=10, min_decay_steps=1).init(ctx, None)._replace(
+      decay_step=RELEASE_DECAY_STEP, rate_ema=RELEASE_RATE_EMA, init_norm=jnp.full(7, 2.0),
+      released=jnp.asarray([2, 0, 0, 0, 0, 0, 0], jnp.int32))
+  go = _release(logic="or", min_decay_steps=1)   # ch0, ch1, ch2 and ch6
+  out, status = removals.record_release(st, RELEASE_STATUS, go, jnp.asarray(17))
+  np.testing.assert_array_equal(status, np.where(go, ACTIVE, np.asarray(RELEASE_STATUS)))
+  np.testing.assert_array_equal(out.released, [3, 1, 1, 0, 0, 0, 1])  # counts accumulate
+  np.testing.assert_array_equal(out.released_at[go], 17)
+  np.testing.assert_array_equal(out.released_at[~go], st.released_at[~go])
+  np.testing.assert_array_equal(out.decay_step, np.where(go, 0, RELEASE_DECAY_STEP))
+  # A released channel keeps what it remembered of its decay.
+  np.testing.assert_array_equal(out.init_norm, st.init_norm)
+  # Kept again, so the group's removed share falls.
+  s = _prune_state([status[:6], status[6:]])
+  assert _keep_lists(s) == [[True, True, True, False, True, False], [True]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,13 +361,7 @@ ONE_CHANNEL = 7 / 8
 def test_smooth_pruning_arithmetic(momentum):
   params = _mlp_params({3: 0.1})
   spec = _mlp_spec()
-  recipe = recipes.Recipe(
-      criterion="l2",
-      allocation="global",
-      target_flops=ONE_CHANNEL,
-      removal="dpm_sp",
-      decay_steps=DECAY_STEPS,
-  )
+  recipe = recipes.depgraph(ONE_CHANNEL, "dpm_sp", criterion="l2", decay_steps=DECAY_STEPS)
   inner = optax.sgd(LR, momentum=momentum)
   tx = dpm_jax.prune(inner, spec, recipe)
   step = _make_step(tx)
@@ -371,11 +390,11 @@ def test_smooth_pruning_arithmetic(momentum):
       # Direction: the optimizer's, x + u.
       stepped = old + _channel(u, 3)
       assert _cosine(new, stepped) == pytest.approx(1.0, abs=1e-6)
-      assert int(ps.status[3]) == DECAYING and int(ps.decay_step[3]) == n
+      assert int(ps.status[0][3]) == DECAYING and int(ps.removal.decay_step[3]) == n
     else:
       # Exactly zero at step N and after it, although gradients keep coming.
       assert np.all(new == 0.0), (n, new)
-      assert int(ps.status[3]) == PRUNED
+      assert int(ps.status[0][3]) == PRUNED
     # Active channels and consumers: the plain optimizer's result.
     np.testing.assert_allclose(
         params["w1"][:, active], ref_params["w1"][:, active], rtol=1e-6, atol=1e-6
@@ -422,7 +441,7 @@ def test_kernel_bias_and_batchnorm_decay_together():
   params["bn"]["bias"] = np.array([0.3, -0.1, 0.2, -0.4], np.float32)
   params["conv"]["bias"] *= 0.1
   params["conv"]["kernel"][..., 1] *= 0.1
-  recipe = recipes.Recipe(criterion="l2", target_flops=0.75, removal="dpm_sp", decay_steps=4)
+  recipe = recipes.depgraph(0.75, "dpm_sp", criterion="l2", decay_steps=4)
   tx = dpm_jax.prune(optax.sgd(LR), spec, recipe)
   step = _make_step(tx)
   opt_state = tx.init(params)
@@ -482,7 +501,7 @@ def _sr_recipe(**overrides):
       cooldown=100,
   )
   kw.update(overrides)
-  return recipes.Recipe(**kw)
+  return recipes.depgraph(kw.pop("target_flops"), kw.pop("removal"), **kw)
 
 
 def _sr_grads(params, seed, released: bool):
@@ -522,7 +541,7 @@ def _run_sr(recipe, num_steps=SR_DECAY_STEPS + 6):
         )
     )
     params = new_params
-    released = bool(history[-1]["prune_state"].released[RISING])
+    released = bool(history[-1]["prune_state"].removal.released[RISING])
   return spec, l_init, history
 
 
@@ -533,12 +552,12 @@ def test_self_rectifying_releases_and_keeps_partly_decayed_weights():
   # Released at the first step allowed: after min_decay_steps decay steps.
   release_step = SR_MIN_DECAY_STEPS
   for i, h in enumerate(history[:release_step]):
-    assert int(h["prune_state"].status[RISING]) == DECAYING, i
+    assert int(h["prune_state"].status[0][RISING]) == DECAYING, i
   h = history[release_step]
   ps = h["prune_state"]
-  assert int(ps.status[RISING]) == ACTIVE
-  assert int(ps.released[RISING]) == 1
-  assert int(ps.released_at[RISING]) == release_step
+  assert int(ps.status[0][RISING]) == ACTIVE
+  assert int(ps.removal.released[RISING]) == 1
+  assert int(ps.removal.released_at[RISING]) == release_step
   assert bool(h["keep"][0][RISING])
   # It keeps its partly decayed weights: the release step is a plain step from the decayed
   # norm L_init * (N - 2) / N, grown by the rate.
@@ -554,29 +573,30 @@ def test_self_rectifying_releases_and_keeps_partly_decayed_weights():
         rtol=1e-6,
         atol=1e-7,
     )
-    assert int(h["prune_state"].status[RISING]) == ACTIVE
-    assert int(h["prune_state"].released[RISING]) == 1
+    assert int(h["prune_state"].status[0][RISING]) == ACTIVE
+    assert int(h["prune_state"].removal.released[RISING]) == 1
   # Only RISING was released.
-  assert int(history[-1]["prune_state"].released.sum()) == 1
+  assert int(history[-1]["prune_state"].removal.released.sum()) == 1
 
 
 def test_self_rectifying_does_not_release_a_falling_channel():
   spec, _, history = _run_sr(_sr_recipe())
   for i, h in enumerate(history):
     ps = h["prune_state"]
-    assert int(ps.released[FALLING]) == 0
+    assert int(ps.removal.released[FALLING]) == 0
     assert not h["keep"][0][FALLING]
     if i + 1 < SR_DECAY_STEPS:
-      assert int(ps.status[FALLING]) == DECAYING, i
+      assert int(ps.status[0][FALLING]) == DECAYING, i
     else:
-      assert int(ps.status[FALLING]) == PRUNED, i
+      assert int(ps.status[0][FALLING]) == PRUNED, i
       assert np.all(_channel(h["new_params"], FALLING) == 0.0), i
   # When RISING is released FALLING's gradient is as large (it passes the length test): the
   # rate test is what keeps it decaying.
   ps = history[SR_MIN_DECAY_STEPS]["prune_state"]
-  active = np.asarray(ps.status) == ACTIVE
-  assert float(ps.grad_norm_ema[FALLING]) > 1.5 * float(np.mean(ps.grad_norm_ema[active]))
-  assert float(ps.rate_ema[FALLING]) < 0 < float(ps.rate_ema[RISING])
+  active = np.asarray(ps.status[0]) == ACTIVE
+  grad_ema = np.asarray(ps.removal.grad_norm_ema)
+  assert float(grad_ema[FALLING]) > 1.5 * float(np.mean(grad_ema[active]))
+  assert float(ps.removal.rate_ema[FALLING]) < 0 < float(ps.removal.rate_ema[RISING])
 
 
 def test_self_rectifying_replacement_meets_the_target_and_respects_cooldown():
@@ -587,14 +607,15 @@ def test_self_rectifying_replacement_meets_the_target_and_respects_cooldown():
   # The step that releases RISING also picks a replacement: the masks leaving every step
   # meet the target.
   h = history[release_step]
-  assert int(h["prune_state"].released[RISING]) == 1
+  assert int(h["prune_state"].removal.released[RISING]) == 1
   replaced = [c for c in range(WIDTH) if not h["keep"][0][c] and c != FALLING]
   assert len(replaced) == 1 and replaced[0] != RISING
   replacement = replaced[0]
   ps = h["prune_state"]
-  assert int(ps.status[replacement]) == DECAYING and int(ps.decay_step[replacement]) == 0
+  assert int(ps.status[0][replacement]) == DECAYING
+  assert int(ps.removal.decay_step[replacement]) == 0
   # Its L_init is its norm where the release step left it (where its decay starts).
-  np.testing.assert_allclose(ps.init_norm[replacement],
+  np.testing.assert_allclose(ps.removal.init_norm[replacement],
                              np.linalg.norm(_channel(h["new_params"], replacement)), rtol=1e-6)
   for h in history:
     keep = h["keep"]
@@ -608,13 +629,13 @@ def test_self_rectifying_replacement_meets_the_target_and_respects_cooldown():
            for c in range(WIDTH)]
   assert min((c for c in range(WIDTH) if c != FALLING), key=lambda c: norms[c]) == RISING
   ps = history[-1]["prune_state"]
-  assert int(ps.status[replacement]) == PRUNED
+  assert int(ps.status[0][replacement]) == PRUNED
   assert np.all(_channel(history[-1]["new_params"], replacement) == 0.0)
 
 
 def test_self_rectifying_without_cooldown_reselects_the_released_channel():
   _, _, history = _run_sr(_sr_recipe(cooldown=0), num_steps=SR_MIN_DECAY_STEPS + 2)
   for h in history[SR_MIN_DECAY_STEPS:]:
-    assert int(h["prune_state"].released[RISING]) == 1
-    assert int(h["prune_state"].status[RISING]) == DECAYING
+    assert int(h["prune_state"].removal.released[RISING]) == 1
+    assert int(h["prune_state"].status[0][RISING]) == DECAYING
     assert not h["keep"][0][RISING]

@@ -1,0 +1,248 @@
+"""Recipes: a composition of parts, the registry of their names, and the published presets.
+
+A ``Recipe`` holds a target and five parts (criterion, allocation, schedule, removal,
+regularizer); ``dpm_jax.prune(inner, spec, recipe)`` runs it. The presets reproduce the base
+methods; ``removal="dpm_sp"`` gives the DPM paper's "+SP" row (smooth pruning) and
+``removal="dpm"`` its "+SR" row (smooth pruning + self-rectifying) for each of them.
+
+Names live here only: ``CRITERIA``, ``ALLOCATIONS``, ``REMOVALS`` and ``PRESETS`` map the
+strings that presets, configs and the command line use to the parts. A preset takes a name or
+a part for each slot, and keyword options that go to the part that has a field of that name
+(``decay_steps`` to the removal, ``min_channels`` to the allocation, ``start_step`` to the
+schedule); an option no chosen part takes is an error.
+
+Example:
+
+  >>> from dpm_jax import recipes
+  >>> r = recipes.depgraph(target_flops=0.5, removal="dpm", start_step=100, end_step=400,
+  ...                      decay_steps=50)
+  >>> type(r.criterion).__name__, type(r.allocation).__name__, r.removal.decay_steps
+  ('GroupL2', 'Global', 50)
+  >>> r.schedule.event_steps, r.last_step
+  ((100, 175, 250, 325, 400), 450)
+  >>> recipes.sfp(target_flops=0.6, interval=44, end_step=400).removal
+  Soft()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dpm_jax.pruning import allocations
+from dpm_jax.pruning import criteria
+from dpm_jax.pruning import removals
+from dpm_jax.pruning import schedules
+from dpm_jax.pruning.base import Allocation, Criterion, Regularizer, Removal, Schedule
+
+__all__ = [
+    "Recipe",
+    "CRITERIA",
+    "ALLOCATIONS",
+    "REMOVALS",
+    "PRESETS",
+    "make",
+    "option_names",
+    "depgraph",
+    "magnitude",
+    "sfp",
+]
+
+CRITERIA: Mapping[str, type[Criterion]] = {
+    "l1": criteria.L1,
+    "l2": criteria.L2,
+    "group_l2": criteria.GroupL2,
+}
+ALLOCATIONS: Mapping[str, type[Allocation]] = {
+    "global": allocations.Global,
+    "uniform": allocations.Uniform,
+}
+REMOVALS: Mapping[str, type[Removal]] = {
+    "hard": removals.Hard,
+    "soft": removals.Soft,
+    "dpm_sp": removals.SmoothPruning,
+    "dpm": removals.SelfRectifying,
+}
+_KINDS = {"criterion": (Criterion, "score"), "allocation": (Allocation, "select"),
+          "schedule": (Schedule, "event"), "removal": (Removal, "land"),
+          "regularizer": (Regularizer, "update")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """What to prune, how much, when, and how.
+
+  Attributes:
+    target_flops: the fraction of the dense network's FLOPs that remains at the end (0.5
+      halves the MACs), counted from the traced layers (``dpm_jax.spec_cost``).
+    criterion: channel importance (``dpm_jax.pruning.criteria``).
+    allocation: which channels go at an event (``dpm_jax.pruning.allocations``).
+    schedule: when events happen (``dpm_jax.pruning.schedules``).
+    removal: what selection does and how steps land (``dpm_jax.pruning.removals``).
+    regularizer: a gradient term before the inner optimizer, or ``None``.
+  """
+
+  target_flops: float
+  criterion: Criterion
+  allocation: Allocation
+  schedule: Schedule
+  removal: Removal
+  regularizer: Regularizer | None = None
+
+  def __post_init__(self):
+    t = self.target_flops
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+      raise ValueError(f"Invalid pruning recipe: target_flops={t!r} must be a number in (0, 1]: "
+                       "it is the fraction of the dense network's FLOPs that remains (0.5 "
+                       "halves them).")
+    for kind, (base, method) in _KINDS.items():
+      part = getattr(self, kind)
+      if part is None and kind == "regularizer":
+        continue
+      if not (isinstance(part, base) or callable(getattr(part, method, None))):
+        raise TypeError(f"Invalid pruning recipe: {kind}={part!r} is not a {base.__name__} "
+                        f"(subclass dpm_jax.pruning.{base.__name__}, or pass a name).")
+
+  @property
+  def last_step(self) -> int:
+    """The step by which every selected channel is removed (without releases)."""
+    return self.schedule.last_event + self.removal.settle_steps
+
+  def replace(self, **changes: Any) -> Recipe:
+    return dataclasses.replace(self, **changes)
+
+
+def _fields(part: Any) -> set[str]:
+  cls = part if isinstance(part, type) else type(part)
+  return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _part(kind: str, value: Any, registry: Mapping[str, type] | None, options: dict[str, Any],
+          fixed: Mapping[str, Any] = {}) -> Any:
+  """``value`` if it is a part; else the registered part of that name, built with the
+  options it has fields for (taken out of ``options``) and ``fixed``."""
+  if not isinstance(value, str):
+    return value
+  if registry is None or value not in registry:
+    names = ", ".join(registry) if registry else "none"
+    raise ValueError(f"Invalid pruning recipe: {kind}={value!r}; choose one of {names}.")
+  cls = registry[value]
+  mine = {k: options.pop(k) for k in list(options) if k in _fields(cls)}
+  return cls(**{**mine, **fixed})
+
+
+def _done(method: str, options: dict[str, Any], parts: dict[str, Any]) -> None:
+  if options:
+    takes = sorted(set().union(*(_fields(p) for p in parts.values())))
+    chosen = ", ".join(f"{k}={type(p).__name__}" for k, p in parts.items())
+    raise ValueError(
+        f"Invalid pruning recipe: {method}() got option(s) {', '.join(sorted(options))} that "
+        f"none of its parts ({chosen}) takes; they take: {', '.join(takes) or 'nothing'}.")
+
+
+def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, schedule: Any,
+         removal: Any, regularizer: Any = None, removal_fixed: Mapping[str, Any] = {},
+         **options: Any) -> Recipe:
+  """Builds a recipe from names or parts, routing ``options`` to the parts that take them.
+
+  Args:
+    method: the preset's name, for error messages.
+    target_flops: the fraction of the dense FLOPs that remains.
+    criterion: a name in ``CRITERIA`` or a ``Criterion``.
+    allocation: a name in ``ALLOCATIONS`` or an ``Allocation``.
+    schedule: a ``Schedule`` class (built with the options it takes) or a ``Schedule``.
+    removal: a name in ``REMOVALS`` or a ``Removal``.
+    regularizer: a ``Regularizer`` or ``None``.
+    removal_fixed: fields set on a removal built from its name (e.g. ``soft=True``).
+    **options: fields of the parts built from names.
+  """
+  options = dict(options)
+  parts = {
+      "criterion": _part("criterion", criterion, CRITERIA, options),
+      "allocation": _part("allocation", allocation, ALLOCATIONS, options),
+      "removal": _part("removal", removal, REMOVALS, options, removal_fixed),
+  }
+  if isinstance(schedule, type):
+    schedule = schedule(**{k: options.pop(k) for k in list(options) if k in _fields(schedule)})
+  parts["schedule"] = schedule
+  _done(method, options, parts)
+  return Recipe(target_flops, regularizer=regularizer, **parts)
+
+
+def depgraph(target_flops: float = 0.5, removal: str | Removal = "hard", *,
+             criterion: str | Criterion = "group_l2", allocation: str | Allocation = "global",
+             regularizer: Regularizer | None = None, **options: Any) -> Recipe:
+  """DepGraph (Fang et al. 2023): group-L2 importance over every coupled slice, ranked
+  globally, removed iteratively: ``num_events`` (5 when ``end_step > start_step``, else one
+  shot) from ``start_step`` to ``end_step``. ``removal='dpm_sp'|'dpm'`` gives DPM's +SP /
+  +SR; options go to the parts (see the module docstring)."""
+  if "num_events" not in options:
+    options["num_events"] = 5 if options.get("end_step", 0) > options.get("start_step", 0) else 1
+  return make("depgraph", target_flops, criterion=criterion, allocation=allocation,
+              schedule=schedules.Iterative, removal=removal, regularizer=regularizer, **options)
+
+
+def magnitude(target_flops: float = 0.5, removal: str | Removal = "hard", *,
+              criterion: str | Criterion = "l1", allocation: str | Allocation = "uniform",
+              regularizer: Regularizer | None = None, **options: Any) -> Recipe:
+  """Magnitude pruning (Li et al. 2017, "Pruning filters for efficient convnets"): the
+  filters with the smallest L1 norm, the same fraction in every layer by default, one shot
+  at ``start_step`` unless ``num_events`` says otherwise."""
+  return make("magnitude", target_flops, criterion=criterion, allocation=allocation,
+              schedule=schedules.Iterative, removal=removal, regularizer=regularizer, **options)
+
+
+def sfp(target_flops: float = 0.5, removal: str | Removal = "soft", *,
+        criterion: str | Criterion = "l2", allocation: str | Allocation = "uniform",
+        regularizer: Regularizer | None = None, **options: Any) -> Recipe:
+  """Soft filter pruning (He et al., IJCAI 2018): every ``interval`` steps from
+  ``start_step`` to ``end_step``, the lowest-L2 filters of each group are zeroed at the same
+  ratio per group (``allocation='global'`` for a FLOPs-ranked choice), but keep training and
+  may regrow; each event selects afresh from the current weights; ``finalize`` zeroes the
+  last selection for surgery. SFP's ``--rate`` is the fraction of filters kept; here the
+  target is in FLOPs.
+
+  ``removal='dpm_sp'`` (our reading of SFP + smooth pruning): a selected filter decays to
+  zero over ``decay_steps`` steps instead of at once, and is then free to regrow;
+  ``removal='dpm'`` adds self-rectifying during the decay. ``'hard'`` is not SFP (use
+  ``magnitude``)."""
+  if removal == "hard":
+    raise ValueError("Invalid pruning recipe: sfp(removal='hard'): soft filter pruning zeroes "
+                     "filters without holding them; its base removal is 'soft'. For hard "
+                     "removal use recipes.magnitude or recipes.depgraph.")
+  fixed = {"soft": True} if removal in ("dpm_sp", "dpm") else {}
+  recipe = make("sfp", target_flops, criterion=criterion, allocation=allocation,
+                schedule=schedules.Interval, removal=removal, regularizer=regularizer,
+                removal_fixed=fixed, **options)
+  steps = getattr(recipe.schedule, "event_steps", ())
+  gap = min((b - a for a, b in zip(steps, steps[1:])), default=None)
+  if gap is not None and recipe.removal.settle_steps >= gap:
+    raise ValueError(
+        f"Invalid pruning recipe: sfp(removal={removal!r}) with decay_steps="
+        f"{recipe.removal.settle_steps} while events are {gap} steps apart (events at "
+        f"{steps}): a selection must reach zero before the next event selects afresh. "
+        "Shorten decay_steps or space the events further.")
+  return recipe
+
+
+PRESETS: Mapping[str, Callable[..., Recipe]] = {
+    "depgraph": depgraph,
+    "magnitude": magnitude,
+    "sfp": sfp,
+}
+
+
+def option_names(method: str, **names: Any) -> set[str]:
+  """The options ``PRESETS[method]`` takes with the parts named in ``names`` (``criterion``,
+  ``allocation``, ``removal``; the preset's defaults otherwise), for configs that hold every
+  option and pass those that apply.
+
+  >>> sorted(option_names("depgraph", removal="dpm_sp"))
+  ['decay_steps', 'end_step', 'flops_tolerance', 'min_channels', 'min_fraction', 'normalize', 'num_events', 'soft', 'start_step']
+  """
+  if method not in PRESETS:
+    raise ValueError(f"Unknown pruning method {method!r}; choose one of {', '.join(PRESETS)}.")
+  recipe = PRESETS[method](**{k: v for k, v in names.items() if v})
+  parts = (recipe.criterion, recipe.allocation, recipe.schedule, recipe.removal)
+  return set().union(*(_fields(p) for p in parts))

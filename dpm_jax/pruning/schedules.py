@@ -1,0 +1,119 @@
+"""Schedules: when pruning events happen, and the fraction of the dense FLOPs in force.
+
+``Iterative`` spreads ``num_events`` events evenly from ``start_step`` to ``end_step``, each a
+step down towards the target (one-shot when ``num_events == 1``: DepGraph, magnitude
+pruning); ``Interval`` selects afresh every ``interval`` steps at the target (SFP).
+
+Example:
+
+  >>> from dpm_jax.pruning import schedules
+  >>> s = schedules.Iterative(start_step=0, end_step=40, num_events=5)
+  >>> s.event_steps, [round(t, 2) for t in s.targets(0.5)]
+  ((0, 10, 20, 30, 40), [0.9, 0.8, 0.7, 0.6, 0.5])
+  >>> schedules.Interval(start_step=3, end_step=30, interval=10).event_steps
+  (3, 13, 23, 30)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpm_jax.pruning.base import Context, Schedule, State, check_int
+
+__all__ = ["Iterative", "Interval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Iterative(Schedule):
+  """``num_events`` events evenly spaced from ``start_step`` to ``end_step`` inclusive.
+
+  Event ``i`` (0-based) brings the FLOPs to ``1 - (1 - target_flops) * (i + 1) / num_events``
+  of the dense network's, so the last one meets the target.
+
+  Attributes:
+    start_step: optimizer step of the first event.
+    end_step: step of the last event (default ``start_step``: one-shot).
+    num_events: events from ``start_step`` to ``end_step``.
+  """
+
+  start_step: int = 0
+  end_step: int | None = None
+  num_events: int = 1
+
+  def __post_init__(self):
+    if self.end_step is None:
+      object.__setattr__(self, "end_step", self.start_step)
+    check_int("Iterative", "start_step", self.start_step, 0)
+    check_int("Iterative", "end_step", self.end_step, self.start_step)
+    check_int("Iterative", "num_events", self.num_events, 1)
+    if self.num_events > 1 and self.end_step == self.start_step:
+      raise ValueError(f"Iterative: num_events={self.num_events} needs end_step > start_step.")
+
+  @property
+  def event_steps(self) -> tuple[int, ...]:
+    """The optimizer steps at which channels are selected."""
+    if self.num_events == 1:
+      return (self.start_step,)
+    span = self.end_step - self.start_step
+    return tuple(self.start_step + round(i * span / (self.num_events - 1))
+                 for i in range(self.num_events))
+
+  @property
+  def last_event(self) -> int:
+    return self.event_steps[-1]
+
+  def targets(self, target_flops: float) -> tuple[float, ...]:
+    """The fraction of the dense FLOPs that remains after each event."""
+    return tuple(1.0 - (1.0 - target_flops) * (i + 1) / self.num_events
+                 for i in range(self.num_events))
+
+  def event(self, ctx: Context, state: State, count: jax.Array,
+            status: jax.Array) -> tuple[jax.Array, jax.Array, State]:
+    del status
+    steps = np.asarray(self.event_steps, np.int32)
+    in_force = np.asarray((1.0,) + self.targets(ctx.target_flops), np.float32)
+    return jnp.any(count == steps), jnp.asarray(in_force)[jnp.sum(count >= steps)], state
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval(Schedule):
+  """An event every ``interval`` steps from ``start_step``, and a last one at ``end_step``,
+  each at the final target: the selection is made afresh every time (SFP selects after every
+  epoch and after the last, at its one rate).
+
+  Attributes:
+    start_step: optimizer step of the first event.
+    end_step: step of the last event.
+    interval: steps between events.
+  """
+
+  start_step: int = 0
+  end_step: int = 0
+  interval: int = 1
+
+  def __post_init__(self):
+    check_int("Interval", "start_step", self.start_step, 0)
+    check_int("Interval", "end_step", self.end_step, self.start_step)
+    check_int("Interval", "interval", self.interval, 1)
+
+  @property
+  def event_steps(self) -> tuple[int, ...]:
+    steps = range(self.start_step, self.end_step + 1, self.interval)
+    return tuple(steps) + (() if steps[-1] == self.end_step else (self.end_step,))
+
+  @property
+  def last_event(self) -> int:
+    return self.end_step
+
+  def event(self, ctx: Context, state: State, count: jax.Array,
+            status: jax.Array) -> tuple[jax.Array, jax.Array, State]:
+    del status
+    since = count - self.start_step
+    event = (since >= 0) & (count <= self.end_step) & (
+        (since % self.interval == 0) | (count == self.end_step))
+    target = jnp.where(since >= 0, jnp.float32(ctx.target_flops), jnp.float32(1.0))
+    return event, target, state

@@ -1,0 +1,502 @@
+"""The training loop: pure steps, the optimizer, data streams and a checkpointed phase.
+
+The model is used in flax NNX's functional style: `split_model` splits it once
+into two graph definitions (train mode and eval mode; NNX records the mode in
+the graph definition) and pure `params` / `batch_stats` dicts. `train_step` and
+`eval_step` are pure functions over a `TrainState` pytree that `nnx.merge` the
+model inside; `make_train_step` / `make_eval_step` jit them (the train step
+donating its state). `train_phase` runs one phase (a number of steps with one
+optimizer), checkpointing into `workdir/<phase>/` and resuming from there.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import tqdm
+
+from dpm_jax import checkpoint
+from dpm_jax import data
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+OPTIMIZERS = ('sgd', 'adam')
+LR_SCHEDULES = ('constant', 'cosine', 'piecewise')
+METRICS_FILENAME = 'metrics.jsonl'
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; a pytree that is checkpointed whole.
+
+  Attributes:
+    step: optimizer steps taken in the current phase (int32 scalar).
+    params: the model's `nnx.Param` values as a pure nested dict.
+    batch_stats: the model's `nnx.BatchStat` values (BatchNorm running
+      statistics) as a pure nested dict; empty when the model has none.
+    opt_state: the optax state of the phase's optimizer.
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+
+
+class GraphDefs(NamedTuple):
+  """The model's static structure in train mode and in eval mode."""
+
+  train: nnx.GraphDef
+  eval: nnx.GraphDef
+
+
+# ----------------------------------------------------------------------------
+# Model, loss and the pure steps.
+
+
+def split_model(model: nnx.Module) -> tuple[GraphDefs, PyTree, PyTree]:
+  """Splits an NNX model into graph definitions and pure `params`, `batch_stats` dicts.
+
+  Leaves the model in eval mode. The returned arrays are the model's own: once a
+  train step donates them, the model must not be used any more (rebuild one with
+  `nnx.merge`).
+
+  Raises:
+    ValueError: the model holds variables other than `nnx.Param` and
+      `nnx.BatchStat` (e.g. dropout RNG state), which these steps do not thread.
+  """
+  model.train()
+  train_def = nnx.graphdef(model)
+  model.eval()
+  eval_def, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  if jax.tree.leaves(rest):
+    paths = ['/'.join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
+    raise ValueError(
+        'The model has variables other than nnx.Param and nnx.BatchStat, which the train '
+        f'step does not carry: {paths}'
+    )
+  return GraphDefs(train_def, eval_def), nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def apply_model(
+    graphdef: nnx.GraphDef, params: PyTree, batch_stats: PyTree, images: jax.Array
+) -> tuple[jax.Array, PyTree]:
+  """Runs the model; returns logits and the (in train mode, updated) batch stats."""
+  model = nnx.merge(graphdef, params, batch_stats)
+  logits = model(images)
+  return logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def create_train_state(
+    params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
+) -> TrainState:
+  """A step-0 `TrainState` for `params` and a fresh state of optimizer `tx`."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+  )
+
+
+def train_step(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+) -> tuple[TrainState, Metrics]:
+  """One optimizer step on `batch` (pure; jit it with `make_train_step`).
+
+  Args:
+    state: the current train state.
+    batch: {'image': float32 [B, H, W, C], 'label': int32 [B]}.
+    graphdef: the model's train-mode graph definition (`GraphDefs.train`).
+    tx: the optimizer whose state is `state.opt_state`.
+
+  Returns:
+    The new state and this batch's {'loss', 'accuracy'} (before the update).
+  """
+
+  def loss_fn(params):
+    logits, batch_stats = apply_model(graphdef, params, state.batch_stats, batch['image'])
+    return cross_entropy_loss(logits, batch['label']), (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+  return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def eval_step(
+    params: PyTree, batch_stats: PyTree, batch: Batch, *, graphdef: nnx.GraphDef
+) -> Metrics:
+  """Summed loss, number correct and number of examples of `batch` (pure; see `make_eval_step`).
+
+  Rows whose `batch['mask']` is 0 (padding of the last batch) are not counted.
+  """
+  logits, _ = apply_model(graphdef, params, batch_stats, batch['image'])
+  mask = batch.get('mask', jnp.ones(logits.shape[:1], jnp.float32))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  correct = jnp.argmax(logits, -1) == batch['label']
+  return {
+      'loss_sum': jnp.sum(losses * mask),
+      'correct': jnp.sum(correct * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+EvalStepFn = Callable[[PyTree, PyTree, Batch], Metrics]
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> TrainStepFn:
+  """`train_step` for one model and optimizer, jitted, donating the input state.
+
+  The graph definition and optimizer are bound rather than passed as static
+  arguments: jit would hash the graph definition on every call (milliseconds
+  for a ResNet-56).
+  """
+  return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx), donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> EvalStepFn:
+  """`eval_step` for one model (its eval-mode graph definition), jitted."""
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+
+def evaluate(
+    eval_step_fn: EvalStepFn, params: PyTree, batch_stats: PyTree, batches: Iterable[Batch]
+) -> dict[str, float]:
+  """Mean loss and accuracy over `batches` (one pass) with a `make_eval_step` function."""
+  totals = None
+  for batch in batches:
+    sums = eval_step_fn(params, batch_stats, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('No evaluation batches.')
+  totals = jax.device_get(totals)
+  return {
+      'loss': float(totals['loss_sum'] / totals['count']),
+      'accuracy': float(totals['correct'] / totals['count']),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+  """The learning rate per step for `config.num_epochs` epochs.
+
+  A linear warmup from 0 over `config.warmup_epochs` is followed by
+  `config.lr_schedule`: 'constant', 'cosine' (to 0 at the end of training) or
+  'piecewise' (multiplied by `lr_decay_factor` at each epoch in
+  `lr_milestones`; milestones count from the start of training, warmup included).
+  """
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  lr = config.learning_rate
+  if config.lr_schedule == 'constant':
+    main = optax.constant_schedule(lr)
+  elif config.lr_schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup_steps, 1))
+  elif config.lr_schedule == 'piecewise':
+    boundaries = {
+        int(m * steps_per_epoch) - warmup_steps: config.lr_decay_factor
+        for m in config.lr_milestones
+    }
+    main = optax.piecewise_constant_schedule(lr, boundaries)
+  else:
+    raise ValueError(
+        f'Unknown lr_schedule {config.lr_schedule!r}; valid: {", ".join(LR_SCHEDULES)}.'
+    )
+  if warmup_steps == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+def kernel_mask(params: PyTree) -> PyTree:
+  """True for conv and dense kernels (ndim >= 2), False for biases and norm scales."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """The optimizer of `config`: weight decay, then SGD (momentum) or Adam.
+
+  Weight decay is coupled L2 regularisation (`wd * w` added to the gradient
+  before momentum/Adam, as PyTorch's `weight_decay` does) on kernels only:
+  biases and BatchNorm scales/offsets are not decayed (see `kernel_mask`).
+  """
+  learning_rate = create_learning_rate_schedule(config, steps_per_epoch)
+  if config.optimizer == 'sgd':
+    opt = optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov)
+  elif config.optimizer == 'adam':
+    opt = optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2)
+  else:
+    raise ValueError(f'Unknown optimizer {config.optimizer!r}; valid: {", ".join(OPTIMIZERS)}.')
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernel_mask), opt)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def train_batches(config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[Batch]:
+  """The endless, seeded training stream of `config`, from batch `start_step` on."""
+  return data.train_iterator(
+      config.dataset,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      data_dir=config.data_dir,
+      augment=config.augment,
+      start_step=start_step,
+  )
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> Iterator[Batch]:
+  """One pass over the test split of `config.dataset`."""
+  return data.eval_iterator(
+      config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir
+  )
+
+
+# ----------------------------------------------------------------------------
+# Metrics file and the phase loop.
+
+
+class MetricsWriter:
+  """Appends metric records to `metrics.jsonl` and logs them.
+
+  Each record has `phase`, `step` (optimizer steps in that phase), `epoch`
+  (fractional), `time` (seconds of training in the phase, summed over resumed
+  runs), `lr`, `train_loss` and `train_accuracy` (means since the previous
+  record); records written at the end of an epoch also have `test_loss` and
+  `test_accuracy`.
+  """
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = epath.Path(path)
+    lines = self.path.read_text().splitlines() if self.path.exists() else []
+    self.records = [json.loads(line) for line in lines if line.strip()]
+
+  def resume(self, phase: str, step: int) -> float:
+    """Drops records of `phase` after `step` (written by a run killed before its
+    next checkpoint); returns the phase's training time up to `step`."""
+    kept = [r for r in self.records if r['phase'] != phase or r.get('step', 0) <= step]
+    if len(kept) != len(self.records):
+      self.records = kept
+      self.path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+    return max((r.get('time', 0.0) for r in kept if r['phase'] == phase), default=0.0)
+
+  def write(self, record: dict[str, Any], *, log_level: int = logging.INFO) -> None:
+    self.records.append(record)
+    with self.path.open('a') as f:
+      f.write(json.dumps(record) + '\n')
+    text = (f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in record.items())
+    logging.log(log_level, '%s', ', '.join(text))
+
+
+def _mean_metrics(step_metrics: list[Metrics]) -> dict[str, float]:
+  stacked = jax.device_get(step_metrics)
+  return {k: float(sum(m[k] for m in stacked) / len(stacked)) for k in stacked[0]}
+
+
+def train_phase(
+    phase: str,
+    state: TrainState,
+    *,
+    graphdefs: GraphDefs,
+    tx: optax.GradientTransformation,
+    num_steps: int,
+    steps_per_epoch: int,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike[str],
+    arch: Mapping[str, Any],
+    writer: MetricsWriter,
+    learning_rate_fn: optax.Schedule | None = None,
+    train_step_fn: TrainStepFn | None = None,
+    step_callback: Callable[[int, TrainState], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+  """Trains `state` with `tx` for `num_steps` steps, checkpointing into `workdir/<phase>`.
+
+  If that directory holds a checkpoint, training resumes from it (and the data
+  stream from the same batch), so a killed run started again ends with the same
+  state as one that was never interrupted. Checkpoints are written every
+  `config.checkpoint_every_epochs` epochs and at the end; the test set is
+  evaluated every `config.eval_every_epochs` epochs and at the end.
+
+  Args:
+    phase: name of the phase; also the checkpoint subdirectory.
+    state: the initial state (also the restore target: structure, shapes, dtypes).
+    graphdefs: the model's graph definitions.
+    tx: the optimizer of this phase (`state.opt_state` is its state).
+    num_steps: length of the phase in optimizer steps.
+    steps_per_epoch: optimizer steps per pass over the training set.
+    config: batch sizes, data, logging and checkpoint settings.
+    workdir: the run's directory.
+    arch: the model's `arch()`, saved as JSON beside the checkpoints.
+    writer: where metric records go.
+    learning_rate_fn: the schedule inside `tx`, for logging only.
+    train_step_fn: the jitted step to use; default: `make_train_step(graphdefs.train, tx)`.
+    step_callback: called as `step_callback(step, state)` after every step (`step`:
+      steps done); `state` is donated by the next step, so read it right away.
+    on_resume: called once with the step the phase starts from (0 when fresh),
+      e.g. to drop what a killed run recorded after its last checkpoint.
+
+  Returns:
+    The final state (input `state` is donated) and the final test metrics
+    {'test_loss', 'test_accuracy'}, plus {'train_loss', 'train_accuracy'} of the
+    last epoch when it was trained by this call.
+  """
+  if train_step_fn is None:
+    train_step_fn = make_train_step(graphdefs.train, tx)
+  eval_step_fn = make_eval_step(graphdefs.eval)
+
+  def evaluate_fn(state: TrainState) -> dict[str, float]:
+    test = evaluate(eval_step_fn, state.params, state.batch_stats, eval_batches(config))
+    return {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+
+  phase_dir = epath.Path(workdir) / phase
+  checkpoint.save_arch(phase_dir, arch)
+  manager = checkpoint.create_manager(phase_dir, max_to_keep=config.checkpoint_max_to_keep)
+  try:
+    restored = checkpoint.restore_latest(manager, state)
+    if restored is not None:
+      state = restored
+      logging.info('%s: resuming from step %d in %s', phase, int(state.step), phase_dir)
+    start_step = int(state.step)
+    time_offset = writer.resume(phase, start_step)
+    if on_resume is not None:
+      on_resume(start_step)
+    final = {}
+    if start_step < num_steps:
+      state, final = _train_loop(
+          phase,
+          state,
+          train_step_fn=train_step_fn,
+          evaluate_fn=evaluate_fn,
+          start_step=start_step,
+          num_steps=num_steps,
+          steps_per_epoch=steps_per_epoch,
+          config=config,
+          manager=manager,
+          writer=writer,
+          learning_rate_fn=learning_rate_fn,
+          time_offset=time_offset,
+          step_callback=step_callback,
+      )
+    if 'test_accuracy' not in final:
+      final = evaluate_fn(state)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return state, final
+
+
+def _train_loop(
+    phase: str,
+    state: TrainState,
+    *,
+    train_step_fn: TrainStepFn,
+    evaluate_fn: Callable[[TrainState], dict[str, float]],
+    start_step: int,
+    num_steps: int,
+    steps_per_epoch: int,
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    writer: MetricsWriter,
+    learning_rate_fn: optax.Schedule | None,
+    time_offset: float,
+    step_callback: Callable[[int, TrainState], None] | None,
+) -> tuple[TrainState, dict[str, float]]:
+  num_epochs = -(-num_steps // steps_per_epoch)
+  batches = train_batches(config, start_step)
+  start_time = time.perf_counter() - time_offset
+  log_metrics, epoch_metrics = [], []  # Per-step device metrics, fetched only when logged.
+  final, bar = {}, None
+  for step in range(start_step + 1, num_steps + 1):  # `step`: steps done after this one.
+    epoch = (step - 1) // steps_per_epoch
+    if bar is None:
+      bar = tqdm.tqdm(
+          total=min(steps_per_epoch, num_steps - epoch * steps_per_epoch),
+          initial=(step - 1) % steps_per_epoch,
+          desc=f'{phase} epoch {epoch + 1}/{num_epochs}',
+          unit='step',
+          disable=not config.progress_bar,
+          dynamic_ncols=True,
+      )
+    state, metrics = train_step_fn(state, next(batches))
+    if step_callback is not None:
+      step_callback(step, state)
+    log_metrics.append(metrics)
+    epoch_metrics.append(metrics)
+    bar.update()
+
+    end_of_epoch = step % steps_per_epoch == 0 or step == num_steps
+    if step % config.log_every_steps == 0 and not end_of_epoch:
+      record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, log_metrics)
+      log_metrics = []
+      bar.set_postfix(loss=f'{record["train_loss"]:.4f}', acc=f'{record["train_accuracy"]:.4f}')
+      writer.write(record, log_level=logging.DEBUG)  # The progress bar shows it.
+    if not end_of_epoch:
+      continue
+
+    record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, epoch_metrics)
+    log_metrics, epoch_metrics = [], []
+    final = {'train_loss': record['train_loss'], 'train_accuracy': record['train_accuracy']}
+    postfix = {'loss': f'{record["train_loss"]:.4f}', 'acc': f'{record["train_accuracy"]:.4f}'}
+    epochs_done = epoch + 1
+    if epochs_done % config.eval_every_epochs == 0 or step == num_steps:
+      final.update(evaluate_fn(state))
+      postfix['test_acc'] = f'{final["test_accuracy"]:.4f}'
+    if epochs_done % config.checkpoint_every_epochs == 0 or step == num_steps:
+      checkpoint.save(manager, step, state, force=True)
+    bar.set_postfix(postfix)
+    bar.close()
+    bar = None
+    record.update(
+        {k: v for k, v in final.items() if k.startswith('test_')},
+        time=time.perf_counter() - start_time,
+    )
+    writer.write(record)
+  return state, final
+
+
+def _record(
+    phase: str,
+    step: int,
+    steps_per_epoch: int,
+    start_time: float,
+    learning_rate_fn: optax.Schedule | None,
+    step_metrics: list[Metrics],
+) -> dict[str, Any]:
+  means = _mean_metrics(step_metrics)
+  record = {
+      'phase': phase,
+      'step': step,
+      'epoch': step / steps_per_epoch,
+      'time': time.perf_counter() - start_time,
+  }
+  if learning_rate_fn is not None:
+    record['lr'] = float(learning_rate_fn(step - 1))  # The rate used by the last step.
+  record.update(train_loss=means['loss'], train_accuracy=means['accuracy'])
+  return record
