@@ -72,6 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.end_epoch = 10.0  # Last pruning event (== start_epoch: one-shot).
   pruning.num_events = 5  # Pruning events from start_epoch to end_epoch, each a step down in FLOPs.
   pruning.interval_epochs = 1.0  # 'sfp': an event (a fresh selection) every this many epochs.
+  # Removal 'soft': zero a filter's 'weights' (SFP: BatchNorm stays, so it can regrow) or all
+  # its 'producers' (kernel, bias, BatchNorm scale and bias: its output is zero).
+  pruning.zero = 'weights'
+  # Criteria 'l1', 'l2': rank by the kernel slices only (SFP's filter norm); None: the
+  # method's default ('sfp': True, the others: False).
+  pruning.weights_only = ml_collections.config_dict.placeholder(bool)
   pruning.decay_steps = 400  # DPM's N: optimizer steps a selected channel takes to reach zero.
   pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
   pruning.len_threshold = 1.0  # ... and (logic) the relative gradient norm EMA exceeds this (T_len).

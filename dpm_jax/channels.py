@@ -88,9 +88,12 @@ def _leaves(index: ChannelIndex, tree: Any, roles: Sequence[str]):
         yield x, m
 
 
-def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn) -> jax.Array:
+def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn,
+                 min_ndim: int) -> jax.Array:
   out = jnp.zeros(index.num_channels, jnp.float32)
   for x, m in _leaves(index, tree, roles):
+    if x.ndim < min_ndim:
+      continue
     axes = tuple(a for a in range(x.ndim) if a != m.axis)
     along = jnp.sum(fn(x.astype(jnp.float32)), axis=axes)           # [axis length]
     per_channel = along if m.whole_axis else along[m.indices].sum(axis=1)  # [size]
@@ -98,25 +101,31 @@ def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn) -> ja
   return out
 
 
-def sq_norms(index: ChannelIndex, tree: Any,
-             roles: Sequence[str] = (PRODUCER,)) -> jax.Array:
-  """``[K]`` squared L2 norm of every channel over its members with the given roles."""
-  return _per_channel(index, tree, roles, jnp.square)
+def sq_norms(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
+             min_ndim: int = 0) -> jax.Array:
+  """``[K]`` squared L2 norm of every channel over its members with the given roles, in
+  leaves of at least ``min_ndim`` dimensions (2: the kernels only)."""
+  return _per_channel(index, tree, roles, jnp.square, min_ndim)
 
 
-def abs_sums(index: ChannelIndex, tree: Any,
-             roles: Sequence[str] = (PRODUCER,)) -> jax.Array:
-  """``[K]`` L1 norm of every channel over its members with the given roles."""
-  return _per_channel(index, tree, roles, jnp.abs)
+def abs_sums(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
+             min_ndim: int = 0) -> jax.Array:
+  """``[K]`` L1 norm of every channel over its members with the given roles, in leaves of
+  at least ``min_ndim`` dimensions (2: the kernels only)."""
+  return _per_channel(index, tree, roles, jnp.abs, min_ndim)
 
 
 def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
-          roles: Sequence[str] = (PRODUCER,)) -> Any:
-  """Multiplies every channel's member slices by ``factor[channel]`` (``[K]``)."""
+          roles: Sequence[str] = (PRODUCER,), min_ndim: int = 0) -> Any:
+  """Multiplies every channel's member slices by ``factor[channel]`` (``[K]``).
+
+  Only members with one of ``roles``, in leaves of at least ``min_ndim`` dimensions (2: the
+  kernels, not biases or normalisation parameters).
+  """
 
   def scale_leaf(key_path, x):
     for m in index.members.get(path_str(key_path), ()):
-      if m.role not in roles:
+      if m.role not in roles or x.ndim < min_ndim:
         continue
       f = factor[m.start:m.start + len(m.indices)]
       if m.whole_axis:

@@ -8,13 +8,15 @@ FLOPs. Counts are for the example inputs given (use a batch of one for per-image
 
 Example:
 
-  >>> import jax.numpy as jnp
+  >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
   >>> import dpm_jax
-  >>> model = dpm_jax.models.create_model('resnet56', num_classes=10, rngs=nnx.Rngs(0))
-  >>> report = dpm_jax.count_flops(model, jnp.zeros((1, 32, 32, 3)))
-  >>> round(report.macs / 1e6)
-  126
+  >>> # Shapes are enough: an abstract model and input cost nothing to build.
+  >>> model = nnx.eval_shape(
+  ...     lambda: dpm_jax.models.create_model('resnet56', num_classes=10, rngs=nnx.Rngs(0)))
+  >>> report = dpm_jax.count_flops(model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  >>> round(report.macs / 1e6), round(report.params / 1e3)
+  (126, 856)
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 from configs import digits_dpm
 from dpm_jax import checkpoint
 from dpm_jax import data
+from dpm_jax.pruning import criteria
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
 from train import pruning
@@ -100,3 +101,7 @@ def test_recipe_from_config_converts_epochs_to_steps():
   recipe = pruning.recipe_from_config(config.pruning, steps_per_epoch=44)
   assert recipe.schedule == schedules.Interval(start_step=0, end_step=8 * 44 - 1, interval=88)
   assert recipe.schedule.event_steps == (0, 88, 176, 264, 351)
+  assert recipe.criterion == criteria.L2(weights_only=True)  # None: the preset's default
+  config.pruning.weights_only = False
+  assert pruning.recipe_from_config(config.pruning, steps_per_epoch=44).criterion == (
+      criteria.L2())

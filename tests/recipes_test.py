@@ -72,6 +72,8 @@ def test_unknown_choice_lists_the_allowed_ones():
     recipes.depgraph(criterion="l3")
   with pytest.raises(ValueError, match="choose one of hard, soft, dpm_sp, dpm"):
     recipes.depgraph(removal="gradual")
+  with pytest.raises(ValueError, match="zero='all'; choose one of weights, producers"):
+    recipes.depgraph(removal="soft", zero="all")
 
 
 def test_an_option_no_part_takes_is_an_error_naming_what_they_take():
@@ -89,10 +91,11 @@ def test_option_names_follow_the_chosen_parts():
   assert recipes.option_names("depgraph", removal="hard") == {
       "start_step", "end_step", "num_events", "min_channels", "min_fraction",
       "flops_tolerance", "normalize"}
+  assert "weights_only" in recipes.option_names("depgraph", criterion="l2")
   dpm = recipes.option_names("depgraph", removal="dpm")
   assert {"decay_steps", "cooldown", "rate_threshold", "start_step"} <= dpm
-  sfp = recipes.option_names("sfp", removal="dpm_sp")
-  assert "interval" in sfp and "num_events" not in sfp and "decay_steps" in sfp
+  sfp = recipes.option_names("sfp")
+  assert "interval" in sfp and "zero" in sfp and "num_events" not in sfp
   with pytest.raises(ValueError, match="Unknown pruning method 'otov9'"):
     recipes.option_names("otov9")
 
@@ -205,23 +208,18 @@ def test_sfp_preset():
   r = recipes.sfp(target_flops=0.6, start_step=0, end_step=100, interval=20)
   assert _names(r) == ("L2", "Uniform", "Interval", "Soft")
   assert r.schedule.event_steps == (0, 20, 40, 60, 80, 100)
-  # With smooth pruning or self-rectifying the decay ends in a soft zero, not a held one.
-  r = recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=5)
-  assert r.removal == removals.SmoothPruning(decay_steps=5, soft=True)
-  r = recipes.sfp(removal="dpm", start_step=0, end_step=100, interval=20, decay_steps=5,
-                  min_decay_steps=1)
-  assert isinstance(r.removal, removals.SelfRectifying) and r.removal.soft
+  # SFP ranks filters by the L2 norm of their weights and zeroes the weights.
+  assert r.criterion == criteria.L2(weights_only=True)
+  assert r.removal == removals.Soft(zero="weights")
+  assert recipes.sfp(weights_only=False).criterion == criteria.L2()
+  assert recipes.sfp(zero="producers").removal == removals.Soft(zero="producers")
   assert recipes.sfp(allocation="global").allocation == allocations.Global()
 
 
-def test_sfp_rejects_what_is_not_soft_pruning():
-  with pytest.raises(ValueError, match="base removal is 'soft'"):
-    recipes.sfp(removal="hard")
-  # A decay must end before the next event selects afresh.
-  with pytest.raises(ValueError, match="decay_steps=20 while events are 20 steps apart"):
-    recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=20)
-  with pytest.raises(ValueError, match="decay_steps=10 while events are 5 steps apart"):
-    recipes.sfp(removal="dpm_sp", start_step=0, end_step=45, interval=20, decay_steps=10)
+@pytest.mark.parametrize("removal", ["hard", "dpm_sp", "dpm"])
+def test_sfp_rejects_what_is_not_soft_pruning(removal):
+  with pytest.raises(ValueError, match="its removal is 'soft'"):
+    recipes.sfp(removal=removal)
 
 
 def test_presets_validate():

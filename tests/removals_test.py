@@ -194,9 +194,9 @@ def test_mark_leaves_channels_not_marked_alone():
 def test_soft_removal_selects_afresh_at_every_event():
   ctx = _ctx()
   status = _i8([SOFT, ACTIVE, SOFT, ACTIVE, SOFT])
-  for removal in (removals.Soft(), removals.SmoothPruning(decay_steps=2, soft=True)):
-    out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
-    np.testing.assert_array_equal(out, np.zeros(5))
+  removal = removals.Soft()
+  out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
+  np.testing.assert_array_equal(out, np.zeros(5))
   # Hard removal and held smooth pruning keep earlier selections.
   for removal in (removals.Hard(), removals.SmoothPruning(decay_steps=2)):
     out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
@@ -230,12 +230,6 @@ def test_decay_factors_hand_computed():
   np.testing.assert_array_equal(out, [ACTIVE, DECAYING, PRUNED, PRUNED, DECAYING])
   np.testing.assert_array_equal(n, [0, 1, 4, 4, 2])
   assert np.all(np.isfinite(factor))
-  # Not held: the channel that reaches zero is soft-pruned, free to regrow.
-  out, _, factor = removals.decay_factors(
-      status, jnp.asarray([0, 0, 3, 4, 1]), jnp.asarray([9.0, 2.0, 4.0, 1.0, 3.0]),
-      jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4, hold=False)
-  np.testing.assert_array_equal(out, [ACTIVE, DECAYING, SOFT, PRUNED, DECAYING])
-  assert float(factor[2]) == 0.0
 
 
 @pytest.mark.parametrize("decay_steps", [1, 3, 5])
@@ -256,9 +250,9 @@ def test_decay_factors_reach_zero_after_exactly_n_steps(decay_steps):
 
 
 def test_decay_factors_jit():
-  fn = jax.jit(removals.decay_factors, static_argnums=(4, 5))
+  fn = jax.jit(removals.decay_factors, static_argnums=4)
   status, n, factor = fn(_i8([DECAYING, ACTIVE]), jnp.zeros(2, jnp.int32), jnp.ones(2),
-                         jnp.array([1.0, 1.0]), 2, True)
+                         jnp.array([1.0, 1.0]), 2)
   np.testing.assert_allclose(factor, [0.5, 1.0])
   np.testing.assert_array_equal(n, [1, 0])
 
@@ -639,3 +633,51 @@ def test_self_rectifying_without_cooldown_reselects_the_released_channel():
     assert int(h["prune_state"].removal.released[RISING]) == 1
     assert int(h["prune_state"].status[0][RISING]) == DECAYING
     assert not h["keep"][0][RISING]
+
+
+# ----------------------------------------------------------------------------------------
+# Soft pruning through the transform: regrowth.
+
+
+@pytest.mark.parametrize("zero, regrows", [("weights", True), ("producers", False)])
+def test_soft_pruned_filters_regrow_through_batchnorm_when_its_scale_is_kept(zero, regrows):
+  # SFP zeroes a filter's weights and lets them train: after BatchNorm the kernel's gradient
+  # passes through the BN scale, so the filter regrows (where the BN bias keeps the ReLU
+  # open: a trained network's, here set by hand). Zeroing the BN scale too (every producer
+  # slice) leaves the kernel without gradient: it stays at zero.
+  model = _ConvBN(nnx.Rngs(0))
+  spec = dpm_jax.trace_groups(nnx.eval_shape(lambda: _ConvBN(nnx.Rngs(0))),
+                              jax.ShapeDtypeStruct((1, 5, 5, 1), jnp.float32))
+  model.train()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+  params["bn"]["bias"] = jnp.full(4, 0.5)
+  recipe = recipes.sfp(0.75, zero=zero, start_step=0, end_step=1000, interval=1000)
+  tx = dpm_jax.prune(optax.sgd(LR), spec, recipe)  # no momentum: regrowth is the gradient's
+
+  @jax.jit
+  def step(params, stats, opt_state, x, y):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, stats, copy=True)
+      loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+      return loss, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state
+
+  rng = np.random.default_rng(0)
+  opt_state = tx.init(params)
+  norms = []
+  for _ in range(6):
+    x = jnp.asarray(rng.normal(size=(16, 5, 5, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
+    params, stats, opt_state = step(params, stats, opt_state, x, y)
+    c = int(np.nonzero(~dpm_jax.keep_masks(opt_state)[0])[0][0])
+    norms.append(float(np.linalg.norm(np.asarray(params["conv"]["kernel"])[..., c])))
+  assert norms[0] == 0.0  # zeroed at the event
+  scale = float(np.asarray(params["bn"]["scale"])[c])
+  if regrows:
+    assert scale != 0.0 and all(n > 0.0 for n in norms[1:]), norms
+  else:
+    assert scale == 0.0 and all(n == 0.0 for n in norms), norms
+  assert int(pruning.channel_status(dpm_jax.prune_state(opt_state))[c]) == SOFT

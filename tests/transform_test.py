@@ -70,10 +70,9 @@ RECIPES: dict[str, tuple[Callable[[], dpm_jax.Recipe], bool]] = {
     "depgraph_dpm": (lambda: _recipe("dpm"), True),
     "magnitude_hard": (lambda: recipes.magnitude(0.5, start_step=1), True),
     "sfp_soft": (lambda: recipes.sfp(0.5, start_step=0, end_step=4, interval=2), False),
-    "sfp_dpm_sp": (lambda: recipes.sfp(0.5, "dpm_sp", start_step=0, end_step=8, interval=4,
-                                       decay_steps=3), False),
-    "sfp_dpm": (lambda: recipes.sfp(0.5, "dpm", start_step=0, end_step=8, interval=4,
-                                    decay_steps=3, min_decay_steps=1, cooldown=2), False),
+    "sfp_soft_global_producers": (lambda: recipes.sfp(
+        0.5, allocation="global", zero="producers", start_step=1, end_step=5, interval=2),
+        False),
 }
 
 

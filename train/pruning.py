@@ -42,8 +42,8 @@ _RUN_FIELDS = {"enabled", "method", "criterion", "allocation", "removal", "targe
 
 def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> recipes.Recipe:
   """The `Recipe` of `config.pruning`: its preset (`method`) with the parts it names, and
-  those of its option fields that the chosen parts take (epochs converted to optimizer
-  steps; an event at the end of the phase is taken at its last step)."""
+  those of its option fields that the chosen parts take, unless None (epochs converted to
+  optimizer steps; an event at the end of the phase is taken at its last step)."""
   if pc.method not in recipes.PRESETS:
     raise ValueError(f"Unknown config.pruning.method {pc.method!r}; valid choices: "
                      f"{', '.join(sorted(recipes.PRESETS))}.")
@@ -53,6 +53,8 @@ def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> r
   prune_steps = round(pc.epochs * steps_per_epoch)
   values = {}
   for field, value in pc.items():
+    if value is None:  # the method's default
+      continue
     if field in _EPOCH_FIELDS:
       values[_EPOCH_FIELDS[field]] = min(round(value * steps_per_epoch), max(prune_steps - 1, 0))
     elif field not in _RUN_FIELDS:

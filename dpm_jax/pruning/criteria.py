@@ -30,23 +30,46 @@ from dpm_jax.pruning.base import Context, Criterion, State
 __all__ = ["L1", "L2", "GroupL2"]
 
 
+def _check_weights_only(owner: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{owner}: weights_only={value!r} must be a bool.")
+
+
 @dataclasses.dataclass(frozen=True)
 class L1(Criterion):
   """The L1 norm of the channel's producer slices (kernel output slice, bias, normalisation
-  scale and bias): Li et al. 2017, "Pruning filters for efficient convnets"."""
+  scale and bias): Li et al. 2017, "Pruning filters for efficient convnets".
+
+  Attributes:
+    weights_only: the kernel slices only (the filter's weights), as Li et al. and SFP rank.
+  """
+
+  weights_only: bool = False
+
+  def __post_init__(self):
+    _check_weights_only("L1", self.weights_only)
 
   def score(self, ctx: Context, state: State, params: Any) -> jax.Array:
     del state
-    return channels.abs_sums(ctx.index, params)
+    return channels.abs_sums(ctx.index, params, min_ndim=2 if self.weights_only else 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class L2(Criterion):
-  """The L2 norm of the channel's producer slices (SFP's filter norm)."""
+  """The L2 norm of the channel's producer slices.
+
+  Attributes:
+    weights_only: the kernel slices only (the filter's weights: SFP's filter norm).
+  """
+
+  weights_only: bool = False
+
+  def __post_init__(self):
+    _check_weights_only("L2", self.weights_only)
 
   def score(self, ctx: Context, state: State, params: Any) -> jax.Array:
     del state
-    return jnp.sqrt(channels.sq_norms(ctx.index, params))
+    return jnp.sqrt(channels.sq_norms(ctx.index, params, min_ndim=2 if self.weights_only else 0))
 
 
 @dataclasses.dataclass(frozen=True)

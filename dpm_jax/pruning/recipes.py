@@ -21,7 +21,7 @@ Example:
   >>> r.schedule.event_steps, r.last_step
   ((100, 175, 250, 325, 400), 450)
   >>> recipes.sfp(target_flops=0.6, interval=44, end_step=400).removal
-  Soft()
+  Soft(zero='weights')
 """
 
 from __future__ import annotations
@@ -118,18 +118,16 @@ def _fields(part: Any) -> set[str]:
   return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
-def _part(kind: str, value: Any, registry: Mapping[str, type] | None, options: dict[str, Any],
-          fixed: Mapping[str, Any] = {}) -> Any:
+def _part(kind: str, value: Any, registry: Mapping[str, type], options: dict[str, Any]) -> Any:
   """``value`` if it is a part; else the registered part of that name, built with the
-  options it has fields for (taken out of ``options``) and ``fixed``."""
+  options it has fields for (taken out of ``options``)."""
   if not isinstance(value, str):
     return value
-  if registry is None or value not in registry:
-    names = ", ".join(registry) if registry else "none"
-    raise ValueError(f"Invalid pruning recipe: {kind}={value!r}; choose one of {names}.")
+  if value not in registry:
+    raise ValueError(f"Invalid pruning recipe: {kind}={value!r}; choose one of "
+                     f"{', '.join(registry)}.")
   cls = registry[value]
-  mine = {k: options.pop(k) for k in list(options) if k in _fields(cls)}
-  return cls(**{**mine, **fixed})
+  return cls(**{k: options.pop(k) for k in list(options) if k in _fields(cls)})
 
 
 def _done(method: str, options: dict[str, Any], parts: dict[str, Any]) -> None:
@@ -142,8 +140,7 @@ def _done(method: str, options: dict[str, Any], parts: dict[str, Any]) -> None:
 
 
 def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, schedule: Any,
-         removal: Any, regularizer: Any = None, removal_fixed: Mapping[str, Any] = {},
-         **options: Any) -> Recipe:
+         removal: Any, regularizer: Any = None, **options: Any) -> Recipe:
   """Builds a recipe from names or parts, routing ``options`` to the parts that take them.
 
   Args:
@@ -154,14 +151,13 @@ def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, s
     schedule: a ``Schedule`` class (built with the options it takes) or a ``Schedule``.
     removal: a name in ``REMOVALS`` or a ``Removal``.
     regularizer: a ``Regularizer`` or ``None``.
-    removal_fixed: fields set on a removal built from its name (e.g. ``soft=True``).
     **options: fields of the parts built from names.
   """
   options = dict(options)
   parts = {
       "criterion": _part("criterion", criterion, CRITERIA, options),
       "allocation": _part("allocation", allocation, ALLOCATIONS, options),
-      "removal": _part("removal", removal, REMOVALS, options, removal_fixed),
+      "removal": _part("removal", removal, REMOVALS, options),
   }
   if isinstance(schedule, type):
     schedule = schedule(**{k: options.pop(k) for k in list(options) if k in _fields(schedule)})
@@ -197,33 +193,28 @@ def sfp(target_flops: float = 0.5, removal: str | Removal = "soft", *,
         criterion: str | Criterion = "l2", allocation: str | Allocation = "uniform",
         regularizer: Regularizer | None = None, **options: Any) -> Recipe:
   """Soft filter pruning (He et al., IJCAI 2018): every ``interval`` steps from
-  ``start_step`` to ``end_step``, the lowest-L2 filters of each group are zeroed at the same
-  ratio per group (``allocation='global'`` for a FLOPs-ranked choice), but keep training and
-  may regrow; each event selects afresh from the current weights; ``finalize`` zeroes the
-  last selection for surgery. SFP's ``--rate`` is the fraction of filters kept; here the
-  target is in FLOPs.
+  ``start_step``, and at ``end_step``, the filters of each group whose weights have the
+  lowest L2 norm are zeroed at the same ratio per group (``allocation='global'`` for a
+  FLOPs-ranked choice), but keep training and may regrow; each event selects afresh from the current weights; ``finalize``
+  zeroes the last selection for surgery. SFP's ``--rate`` is the fraction of filters kept;
+  here the target is in FLOPs.
 
-  ``removal='dpm_sp'`` (our reading of SFP + smooth pruning): a selected filter decays to
-  zero over ``decay_steps`` steps instead of at once, and is then free to regrow;
-  ``removal='dpm'`` adds self-rectifying during the decay. ``'hard'`` is not SFP (use
-  ``magnitude``)."""
-  if removal == "hard":
-    raise ValueError("Invalid pruning recipe: sfp(removal='hard'): soft filter pruning zeroes "
-                     "filters without holding them; its base removal is 'soft'. For hard "
-                     "removal use recipes.magnitude or recipes.depgraph.")
-  fixed = {"soft": True} if removal in ("dpm_sp", "dpm") else {}
-  recipe = make("sfp", target_flops, criterion=criterion, allocation=allocation,
-                schedule=schedules.Interval, removal=removal, regularizer=regularizer,
-                removal_fixed=fixed, **options)
-  steps = getattr(recipe.schedule, "event_steps", ())
-  gap = min((b - a for a, b in zip(steps, steps[1:])), default=None)
-  if gap is not None and recipe.removal.settle_steps >= gap:
+  Only the soft removal: DPM's smooth pruning must decay a channel's BatchNorm scale and
+  bias with its kernel (conv -> BN is scale-invariant), and a channel whose BatchNorm scale
+  is zero gets no gradient in its kernel or scale, so it cannot regrow: smooth pruning and
+  soft pruning contradict each other on BatchNorm networks.
+  """
+  if removal in ("hard", "dpm_sp", "dpm"):
     raise ValueError(
-        f"Invalid pruning recipe: sfp(removal={removal!r}) with decay_steps="
-        f"{recipe.removal.settle_steps} while events are {gap} steps apart (events at "
-        f"{steps}): a selection must reach zero before the next event selects afresh. "
-        "Shorten decay_steps or space the events further.")
-  return recipe
+        f"Invalid pruning recipe: sfp(removal={removal!r}): soft filter pruning zeroes filters "
+        "and lets them regrow, so its removal is 'soft'. Smooth pruning ('dpm_sp', 'dpm') "
+        "decays a channel's BatchNorm scale with its kernel, after which it cannot regrow; "
+        "hard removal holds it at zero. For those use recipes.depgraph or "
+        "recipes.magnitude (allocation='uniform', criterion='l2' is SFP's choice of filters).")
+  if isinstance(criterion, str) and "weights_only" in _fields(CRITERIA.get(criterion, object)):
+    options.setdefault("weights_only", True)  # SFP ranks filters by their weights' norm
+  return make("sfp", target_flops, criterion=criterion, allocation=allocation,
+              schedule=schedules.Interval, removal=removal, regularizer=regularizer, **options)
 
 
 PRESETS: Mapping[str, Callable[..., Recipe]] = {
@@ -238,8 +229,8 @@ def option_names(method: str, **names: Any) -> set[str]:
   ``allocation``, ``removal``; the preset's defaults otherwise), for configs that hold every
   option and pass those that apply.
 
-  >>> sorted(option_names("depgraph", removal="dpm_sp"))
-  ['decay_steps', 'end_step', 'flops_tolerance', 'min_channels', 'min_fraction', 'normalize', 'num_events', 'soft', 'start_step']
+  >>> sorted(option_names("magnitude", removal="dpm_sp"))
+  ['decay_steps', 'end_step', 'min_channels', 'min_fraction', 'num_events', 'start_step', 'weights_only']
   """
   if method not in PRESETS:
     raise ValueError(f"Unknown pruning method {method!r}; choose one of {', '.join(PRESETS)}.")

@@ -1,16 +1,12 @@
 """Removals: what selection does to a channel, and how every step lands.
 
 - ``Hard``: zeroed at once and held at zero (the base methods' one-step removal).
-- ``Soft``: zeroed at once but free to train and regrow; every event selects afresh
-  (SFP, He et al. 2018).
+- ``Soft``: the filter's weights are zeroed at once but free to train and regrow; every event
+  selects afresh (SFP, He et al. 2018).
 - ``SmoothPruning``: decays to zero over ``decay_steps`` optimizer steps while training
   continues (DPM's smooth pruning, "+SP").
 - ``SelfRectifying``: smooth pruning that releases channels whose pruning looks like a
   mistake (DPM's self-rectifying, "+SR").
-
-``SmoothPruning`` and ``SelfRectifying`` take ``soft=True`` to run on top of soft pruning
-(our reading of SFP + DPM): a selected channel decays to zero over ``decay_steps`` steps
-instead of in one, is then free to regrow, and the next event selects afresh.
 
 A step lands by rescaling each channel's producer slices (kernel output slice, bias,
 normalisation scale and bias) after the inner optimizer's step ``x~ = x + u``: factor 0 holds
@@ -67,18 +63,8 @@ def _land(ctx: Context, stepped: Any, factor: jax.Array) -> Any:
   return channels.scale(ctx.index, stepped, factor)
 
 
-def _reopen(status: jax.Array) -> jax.Array:
-  """Every channel active again: a soft removal's event selects afresh."""
-  return jnp.zeros_like(status)
-
-
 def _none(status: jax.Array) -> jax.Array:
   return jnp.zeros(status.shape, bool)
-
-
-def _check_soft(owner: str, soft: Any) -> None:
-  if not isinstance(soft, bool):
-    raise ValueError(f"{owner}: soft={soft!r} must be a bool.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +83,34 @@ class Hard(Removal):
     return _land(ctx, stepped, factor), status, state, _none(status)
 
 
+ZEROS = ("weights", "producers")
+
+
 @dataclasses.dataclass(frozen=True)
 class Soft(Removal):
   """Selected channels are zeroed at their event, then train freely and may regrow; every
   event selects afresh from the current weights (SFP). ``finalize`` zeroes the last
-  selection."""
+  selection's producer slices, for surgery.
+
+  Attributes:
+    zero: ``weights`` zeroes the channel's kernel slices (conv and dense weights), as SFP's
+      reference code does: normalisation scale and bias are left, so after BatchNorm a zeroed
+      filter outputs the BN bias and regrows (its kernel's gradient passes through the
+      scale). ``producers`` zeroes every producer slice (kernel, bias, normalisation scale
+      and bias), so the channel outputs zero; after BatchNorm it then cannot regrow (the
+      gradients of its kernel and scale are zero), only its bias can.
+  """
+
+  zero: str = "weights"
+
+  def __post_init__(self):
+    if self.zero not in ZEROS:
+      raise ValueError(f"Soft: zero={self.zero!r}; choose one of {', '.join(ZEROS)}.")
 
   def begin_event(self, ctx: Context, state: State,
                   status: jax.Array) -> tuple[jax.Array, State]:
     del ctx
-    return _reopen(status), state
+    return jnp.full_like(status, ACTIVE), state  # every event selects afresh
 
   def mark(self, ctx: Context, state: State, status: jax.Array, new: jax.Array,
            params: Any) -> tuple[jax.Array, State]:
@@ -120,7 +124,10 @@ class Soft(Removal):
   def land(self, ctx: Context, state: State, status: jax.Array, step: Step, stepped: Any,
            marked: jax.Array) -> tuple[Any, jax.Array, State, jax.Array]:
     del step
-    return _land(ctx, stepped, (~marked).astype(jnp.float32)), status, state, _none(status)
+    factor = (~marked).astype(jnp.float32)
+    landed = channels.scale(ctx.index, stepped, factor,
+                            min_ndim=2 if self.zero == "weights" else 0)
+    return landed, status, state, _none(status)
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,15 +167,14 @@ class RectifyState(NamedTuple):
 
 
 def decay_factors(status: jax.Array, decay_step: jax.Array, init_norm: jax.Array,
-                  norms_after: jax.Array, decay_steps: int,
-                  hold: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  norms_after: jax.Array,
+                  decay_steps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One smooth-pruning step: the factor that puts each channel on its decayed norm.
 
   Our reading of DPM's smooth pruning: after the optimizer's step gives ``x~``, a decaying
   channel takes its ``n += 1``-th step and is rescaled, keeping its direction, to
   ``||x|| = L_init * (N - n) / N``; at ``n = N`` it is zero and becomes ``PRUNED`` (held at
-  zero) or, with ``hold=False``, ``SOFT`` (free to regrow). Pruned channels get factor 0,
-  the others 1.
+  zero). Pruned channels get factor 0, the others 1.
 
   Args:
     status: ``[K]`` channel status.
@@ -176,7 +182,6 @@ def decay_factors(status: jax.Array, decay_step: jax.Array, init_norm: jax.Array
     init_norm: ``[K]`` norms at selection (L_init).
     norms_after: ``[K]`` channel norms after the optimizer step (``||x~||``).
     decay_steps: N.
-    hold: whether a channel that reaches zero is held there.
 
   Returns:
     The new status, the new decay steps and the ``[K]`` factors to multiply ``x~`` by.
@@ -187,8 +192,7 @@ def decay_factors(status: jax.Array, decay_step: jax.Array, init_norm: jax.Array
   safe = jnp.where(norms_after > 0, norms_after, 1.0)
   factor = jnp.where(decaying, jnp.where(norms_after > 0, target / safe, 0.0), 1.0)
   factor = jnp.where(status == PRUNED, 0.0, factor)
-  done = jnp.int8(PRUNED if hold else SOFT)
-  return jnp.where(decaying & (n >= decay_steps), done, status), n, factor
+  return jnp.where(decaying & (n >= decay_steps), jnp.int8(PRUNED), status), n, factor
 
 
 def update_gradient_history(status: jax.Array, decay_step: jax.Array,
@@ -252,16 +256,12 @@ class SmoothPruning(Removal):
   Attributes:
     decay_steps: N, the optimizer steps a selected channel takes to reach zero (1 zeroes it
       at the step of its selection, like ``Hard``).
-    soft: once at zero the channel is free to regrow and every event selects afresh (SFP +
-      smooth pruning, our reading); ``False`` holds it at zero.
   """
 
   decay_steps: int = 100
-  soft: bool = False
 
   def __post_init__(self):
     check_int(type(self).__name__, "decay_steps", self.decay_steps, 1)
-    _check_soft(type(self).__name__, self.soft)
 
   @property
   def settle_steps(self) -> int:
@@ -272,22 +272,11 @@ class SmoothPruning(Removal):
     return DecayState(jnp.zeros(ctx.num_channels, jnp.int32),
                       jnp.zeros(ctx.num_channels, jnp.float32))
 
-  def begin_event(self, ctx: Context, state: State,
-                  status: jax.Array) -> tuple[jax.Array, State]:
-    del ctx
-    return (_reopen(status) if self.soft else status), state
-
   def mark(self, ctx: Context, state: State, status: jax.Array, new: jax.Array,
            params: Any) -> tuple[jax.Array, State]:
     state = state._replace(decay_step=jnp.where(new, 0, state.decay_step),
                            init_norm=jnp.where(new, _norms(ctx, params), state.init_norm))
     return jnp.where(new, jnp.int8(DECAYING), status), state
-
-  def busy(self, ctx: Context, state: State, status: jax.Array) -> jax.Array:
-    del ctx, state
-    if self.soft:
-      return jnp.any(status == DECAYING)
-    return jnp.any(status != ACTIVE)
 
   def land(self, ctx: Context, state: State, status: jax.Array, step: Step, stepped: Any,
            marked: jax.Array) -> tuple[Any, jax.Array, State, jax.Array]:
@@ -297,7 +286,7 @@ class SmoothPruning(Removal):
       norms_after = _norms(ctx, stepped)
       state, status, freed = self._rectify(ctx, state, status, step, norms_after)
       status, n, factor = decay_factors(status, state.decay_step, state.init_norm, norms_after,
-                                        self.decay_steps, hold=not self.soft)
+                                        self.decay_steps)
       return _land(ctx, stepped, factor), status, state._replace(decay_step=n), freed
 
     def hold(state, status):  # nothing decays: pruned channels are held, no norms needed
@@ -329,7 +318,6 @@ class SelfRectifying(SmoothPruning):
 
   Attributes:
     decay_steps: N, as for ``SmoothPruning``.
-    soft: as for ``SmoothPruning``.
     rate_threshold: T_rate.
     len_threshold: T_len.
     ema_decay: decay of the EMAs of the rate and the gradient norm.
