@@ -24,9 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Extra constructor arguments of the model (its widths), e.g. {'stage_widths': (8, 16, 32)}.
   config.model_kwargs = ml_collections.ConfigDict()
   config.dataset = 'cifar10'  # A name in `dpm_jax.data.DATASETS`.
-  # TFDS data directory; None: $TFDS_DATA_DIR or ~/tensorflow_datasets (digits is prepared there).
+  # TFDS data directory; None: $TFDS_DATA_DIR or ~/tensorflow_datasets (digits and mnist1d are
+  # prepared there).
   config.data_dir = ml_collections.config_dict.placeholder(str)
-  config.augment = True  # Training-time augmentation (CIFAR: pad-crop-flip; digits: none).
+  config.augment = True  # Training-time augmentation (CIFAR: pad-crop-flip; digits, mnist1d: none).
   config.seed = 0  # Seeds the model initialisation and the order of training batches.
 
   # Optimisation. Weight decay is L2 on conv/dense kernels only (not biases, not BatchNorm).

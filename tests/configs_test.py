@@ -11,7 +11,8 @@ from train import train
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
                  if p.stem != '__init__')
 # Training examples per epoch of each dataset (as in dpm_jax.data), without reading data.
-NUM_TRAIN = {'digits': 1437, 'cifar10': 50_000, 'cifar100': 50_000, 'imagenet2012': 1_281_167}
+NUM_TRAIN = {'digits': 1437, 'mnist1d': 4000, 'cifar10': 50_000, 'cifar100': 50_000,
+             'imagenet2012': 1_281_167}
 
 
 @pytest.mark.parametrize('name', CONFIGS)

@@ -48,8 +48,9 @@ def _random_keep(spec: dpm_jax.GroupSpec, seed: int) -> list[np.ndarray]:
 # Single layers, by hand.
 
 
-def _conv(cin, cout, k, **kwargs):
-  return _abstract(lambda: nnx.Conv(cin, cout, (k, k), rngs=nnx.Rngs(0), **kwargs))
+def _conv(cin, cout, k, spatial_dims=2, **kwargs):
+  return _abstract(lambda: nnx.Conv(cin, cout, (k,) * spatial_dims, rngs=nnx.Rngs(0),
+                                    **kwargs))
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,13 @@ def _conv(cin, cout, k, **kwargs):
          3 * 3 * 4 * 6 * 10 * 10, 3 * 3 * 4 * 6 + 6),
         (lambda: _abstract(lambda: nnx.Linear(20, 7, rngs=nnx.Rngs(0))), (3, 20), 3 * 20 * 7,
          20 * 7 + 7),
+        # Conv1D on [B, L, C]: k * cin * cout * L.
+        (lambda: _conv(3, 8, 5, 1), (1, 40, 3), 5 * 3 * 8 * 40, 5 * 3 * 8 + 8),
+        # Conv1D, stride 2, 'SAME': 20 outputs.
+        (lambda: _conv(3, 8, 5, 1, strides=2), (1, 40, 3), 5 * 3 * 8 * 20, 5 * 3 * 8 + 8),
+        # Depthwise Conv1D with channel multiplier 2.
+        (lambda: _conv(8, 16, 3, 1, feature_group_count=8), (1, 40, 8), 3 * 16 * 40,
+         3 * 16 + 16),
     ])
 def test_single_layer(layer, shape, macs, params):
   report = dpm_jax.count_flops(layer(), jnp.zeros(shape))
@@ -106,6 +114,29 @@ def test_flatten_dense_by_hand():
   pruned = dpm_jax.count_flops(model, jnp.zeros((1, 8, 8, 2)), keep=keep)
   assert pruned.macs == 3 * 3 * 2 * 2 * 16 + 32 * 5
   assert pruned.params == 3 * 3 * 2 * 2 + 2 + 32 * 5 + 5
+
+
+def test_mnist1d_cnn_by_hand():
+  # Conv1D k5 + BN + relu + max pool 2, three times (40 -> 20 -> 10 -> 5), then a flatten
+  # of 5 x 64 into the head.
+  model = _abstract(lambda: models.create_model("mnist1d_cnn", num_classes=10,
+                                                rngs=nnx.Rngs(0)))
+  report = dpm_jax.count_flops(model, jnp.zeros((1, 40, 1)))
+  expected = [("convs/0/conv/kernel", "conv", 5 * 1 * 32 * 40),
+              ("convs/1/conv/kernel", "conv", 5 * 32 * 64 * 20),
+              ("convs/2/conv/kernel", "conv", 5 * 64 * 64 * 10),
+              ("head/kernel", "dot_general", 5 * 64 * 10)]
+  assert [(l.name, l.primitive, l.macs) for l in report.layers] == expected
+  assert report.macs == 419_200
+  # Bias-free conv kernels, BN scale and bias, the head's kernel and bias.
+  assert report.params == _param_count(model) == (
+      5 * (1 * 32 + 32 * 64 + 64 * 64) + 2 * (32 + 64 + 64) + 320 * 10 + 10)
+  # Keep 8, 16 and 4 channels: every layer shrinks with both of its channel counts.
+  keep = [np.arange(32) < 8, np.arange(64) < 16, np.arange(64) < 4]
+  pruned = dpm_jax.count_flops(model, jnp.zeros((1, 40, 1)), keep=keep)
+  assert [l.macs for l in pruned.layers] == [
+      5 * 1 * 8 * 40, 5 * 8 * 16 * 20, 5 * 16 * 4 * 10, 5 * 4 * 10]
+  assert pruned.params == 5 * (8 + 8 * 16 + 16 * 4) + 2 * (8 + 16 + 4) + 20 * 10 + 10
 
 
 def test_pure_function_and_linen():
@@ -173,6 +204,7 @@ def test_resnet50_exact():
 
 
 @pytest.mark.parametrize("name,shape,seed", [("digits_cnn", (1, 8, 8, 1), 0),
+                                             ("mnist1d_cnn", (1, 40, 1), 4),
                                              ("resnet20", (1, 32, 32, 3), 1),
                                              ("vgg16_bn", (1, 32, 32, 3), 2),
                                              ("mobilenet_v2", (1, 32, 32, 3), 3)])

@@ -41,10 +41,10 @@ def _members(group: Group) -> set[tuple[str, int, str]]:
   return {("/".join(m.path), m.axis, m.role) for m in group.members}
 
 
-def _convbn_out(prefix: str) -> set[tuple[str, int, str]]:
+def _convbn_out(prefix: str, spatial_dims: int = 2) -> set[tuple[str, int, str]]:
   """The output channel of a bias-free conv + BatchNorm (`models.ConvBN`)."""
   return {
-      (f"{prefix}/conv/kernel", 3, PRODUCER),
+      (f"{prefix}/conv/kernel", spatial_dims + 1, PRODUCER),
       (f"{prefix}/bn/scale", 0, PRODUCER),
       (f"{prefix}/bn/bias", 0, PRODUCER),
       (f"{prefix}/bn/mean", 0, STATISTIC),
@@ -52,8 +52,8 @@ def _convbn_out(prefix: str) -> set[tuple[str, int, str]]:
   }
 
 
-def _conv_in(prefix: str) -> set[tuple[str, int, str]]:
-  return {(f"{prefix}/conv/kernel", 2, CONSUMER)}
+def _conv_in(prefix: str, spatial_dims: int = 2) -> set[tuple[str, int, str]]:
+  return {(f"{prefix}/conv/kernel", spatial_dims, CONSUMER)}
 
 
 def _assert_plain(spec: dpm_jax.GroupSpec) -> None:
@@ -113,6 +113,30 @@ def test_digits_cnn_groups():
       "dense/0/kernel",
   ]
   assert _group_of(spec, "convs/0/conv/kernel", 2) is None
+  assert _group_of(spec, "head/kernel", 1) is None
+  assert _group_of(spec, "head/bias", 0) is None
+
+
+def test_mnist1d_cnn_groups():
+  # Kernels are (5, in, out): the output channel is axis 2, the input channel axis 1.
+  spec = _zoo_spec("mnist1d_cnn", (1, 40, 1))
+  assert spec.sizes == (32, 64, 64)
+  conv1, conv2, conv3 = spec.groups
+  assert _members(conv1) == _convbn_out("convs/0", 1) | _conv_in("convs/1", 1)
+  assert _members(conv2) == _convbn_out("convs/1", 1) | _conv_in("convs/2", 1)
+  assert _members(conv3) == _convbn_out("convs/2", 1) | {("head/kernel", 0, CONSUMER)}
+  # Flatten of the 5x64 NLC map (40 pooled three times): channel c owns head rows
+  # c + 64 * r, r < 5.
+  (rows,) = [m for m in conv3.members if m.path == ("head", "kernel")]
+  assert rows == Member(("head", "kernel"), 0, 0, 64, CONSUMER, 1, 5, 64)
+  np.testing.assert_array_equal(
+      rows.indices(), np.arange(64)[:, None] + 64 * np.arange(5)[None, :]
+  )
+  for g in (conv1, conv2):
+    for m in g.members:
+      assert (m.offset, m.length, m.channel_stride, m.repeat) == (0, g.size, 1, 1)
+  # The input channel and the logits are in no group.
+  assert _group_of(spec, "convs/0/conv/kernel", 1) is None
   assert _group_of(spec, "head/kernel", 1) is None
   assert _group_of(spec, "head/bias", 0) is None
 

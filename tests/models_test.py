@@ -24,12 +24,13 @@ from dpm_jax import models
 
 INPUT_SHAPES = {
     "digits_cnn": (2, 8, 8, 1),
+    "mnist1d_cnn": (2, 40, 1),
     "resnet50": (2, 64, 64, 3),  # small spatial size; the network is fully convolutional
 }
 CIFAR_INPUT_SHAPE = (2, 32, 32, 3)
 NUM_CLASSES = 10
 # Keys of arch() that are not widths, left alone when making pruned-looking widths.
-NON_WIDTH_KEYS = ("name", "num_classes", "in_channels", "image_size")
+NON_WIDTH_KEYS = ("name", "num_classes", "in_channels", "image_size", "length")
 
 
 def _input_shape(name: str) -> tuple[int, ...]:
@@ -119,7 +120,7 @@ def test_forward_and_from_arch(name: str):
 
 # ResNet-56/110 are ResNet-20's class with more blocks.
 @pytest.mark.parametrize(
-    "name", ["digits_cnn", "resnet20", "vgg16_bn", "mobilenet_v2", "resnet50"]
+    "name", ["digits_cnn", "mnist1d_cnn", "resnet20", "vgg16_bn", "mobilenet_v2", "resnet50"]
 )
 def test_pruned_widths(name: str):
   arch = _pruned_arch(name)
@@ -134,6 +135,7 @@ def test_pruned_widths(name: str):
 @pytest.mark.parametrize(
     "name, num_classes, expected, exact",
     [
+        ("mnist1d_cnn", 10, 34_410, 34_410),
         ("resnet56", 10, 0.85e6, None),
         ("vgg16_bn", 10, 15.0e6, None),
         ("resnet50", 1000, 25.6e6, 25_557_032),  # exactly torchvision's resnet50
@@ -230,6 +232,13 @@ def test_conv_init_is_kaiming_fan_out():
   assert std == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.05)
 
 
+def test_conv1d_init_is_kaiming_fan_out():
+  conv = models.ConvBN(32, 64, 5, spatial_dims=1, rngs=nnx.Rngs(0)).conv
+  assert conv.kernel.shape == (5, 32, 64)
+  std = float(jnp.std(conv.kernel[...]))
+  assert std == pytest.approx(math.sqrt(2.0 / (5 * 64)), rel=0.05)
+
+
 def test_structure_does_not_follow_equal_widths():
   """Widths that happen to match add no residual and drop no projection."""
   arch = _default_arch("mobilenet_v2")
@@ -272,7 +281,7 @@ def test_mobilenet_first_block_hidden_width_is_stem_width():
 
 @pytest.mark.parametrize(
     "module",
-    ["", ".layers", ".digits_cnn", ".resnet_cifar", ".vgg", ".mobilenet_v2",
+    ["", ".layers", ".digits_cnn", ".mnist1d_cnn", ".resnet_cifar", ".vgg", ".mobilenet_v2",
      ".resnet_imagenet"],
 )
 def test_docstring_examples(module: str):

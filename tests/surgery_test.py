@@ -136,6 +136,7 @@ def _assert_feature_counts(small: nnx.Module, depthwise: set) -> None:
 
 ZOO = [
     ("digits_cnn", (2, 8, 8, 1)),
+    ("mnist1d_cnn", (2, 40, 1)),  # Conv1D: kernels (5, in, out), a flatten into the head
     # ResNet-20 and ResNet-110 are ResNet-56's class with fewer or more blocks: skipped.
     ("resnet56", (2, 32, 32, 3)),
     ("vgg16_bn", (2, 32, 32, 3)),
@@ -219,31 +220,35 @@ def test_concat_surgery():
 
 
 class DepthwiseNet(nnx.Module):
-  """A depthwise conv with channel multiplier 2 (output 2c and 2c + 1 read channel c)."""
+  """A depthwise conv with channel multiplier 2 (output 2c and 2c + 1 read channel c), on
+  images (``spatial_dims=2``) or sequences (1)."""
 
-  def __init__(self, rngs: nnx.Rngs):
-    self.expand = nnx.Conv(2, 4, (1, 1), rngs=rngs)
-    self.depthwise = nnx.Conv(4, 8, (3, 3), feature_group_count=4, rngs=rngs)
+  def __init__(self, rngs: nnx.Rngs, spatial_dims: int = 2):
+    self.expand = nnx.Conv(2, 4, (1,) * spatial_dims, rngs=rngs)
+    self.depthwise = nnx.Conv(4, 8, (3,) * spatial_dims, feature_group_count=4, rngs=rngs)
     self.bn = nnx.BatchNorm(8, rngs=rngs)
     self.dropout = nnx.Dropout(0.5, rngs=rngs)  # RNG state in the model: left alone
     self.head = nnx.Linear(8, 3, rngs=rngs)
+    self.spatial_axes = tuple(range(1, spatial_dims + 1))
 
   def __call__(self, x):
     h = jnp.tanh(self.bn(self.depthwise(jnp.tanh(self.expand(x)))))
-    return self.head(self.dropout(jnp.mean(h, axis=(1, 2))))
+    return self.head(self.dropout(jnp.mean(h, axis=self.spatial_axes)))
 
 
-def test_depthwise_multiplier_surgery():
-  model = _randomized(nnx.eval_shape(lambda: DepthwiseNet(nnx.Rngs(0))), 8)
+@pytest.mark.parametrize("spatial_dims", [1, 2])
+def test_depthwise_multiplier_surgery(spatial_dims):
+  model = _randomized(nnx.eval_shape(lambda: DepthwiseNet(nnx.Rngs(0), spatial_dims)), 8)
   model.eval()
-  x = _device(np.random.default_rng(8).standard_normal((2, 5, 5, 2)))
+  x = _device(np.random.default_rng(8).standard_normal((2,) + (5,) * spatial_dims + (2,)))
   spec = dpm_jax.trace_groups(model, x[:1])
   assert spec.sizes == (4,)
   (dw,) = [m for m in spec.groups[0].members if m.path == ("depthwise", "kernel")]
-  assert (dw.axis, dw.length, dw.channel_stride, dw.repeat, dw.repeat_stride) == (3, 4, 2, 2, 1)
+  assert (dw.axis, dw.length, dw.channel_stride, dw.repeat, dw.repeat_stride) == (
+      spatial_dims + 1, 4, 2, 2, 1)
   keep = [np.array([1, 0, 1, 1], bool)]
   small = dpm_jax.remove_channels(model, spec, keep)
-  assert small.depthwise.kernel_shape == (3, 3, 1, 6)
+  assert small.depthwise.kernel_shape == (3,) * spatial_dims + (1, 6)
   assert (small.depthwise.in_features, small.depthwise.out_features,
           small.depthwise.feature_group_count) == (3, 6, 3)
   assert small.bn.num_features == 6 and small.head.in_features == 6
@@ -253,8 +258,9 @@ def test_depthwise_multiplier_surgery():
   masked = _forward(model, x)(masked_state, x)
   pruned = _forward(small, x)(nnx.to_pure_dict(nnx.state(small)), x)
   np.testing.assert_allclose(pruned, masked, rtol=0, atol=TOLERANCE)
+  positions = 5 ** spatial_dims
   assert dpm_jax.count_flops(small, x[:1]).macs == dpm_jax.spec_cost(spec, keep).macs == (
-      1 * 1 * 2 * 3 * 25 + 3 * 3 * 6 * 25 + 6 * 3)
+      2 * 3 * positions + 3 ** spatial_dims * 6 * positions + 6 * 3)
 
 
 # ----------------------------------------------------------------------------------------

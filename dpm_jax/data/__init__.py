@@ -1,4 +1,4 @@
-"""Input pipelines (TFDS data sources + grain) for digits, CIFAR and ImageNet.
+"""Input pipelines (TFDS data sources + grain) for digits, MNIST-1D, CIFAR and ImageNet.
 
 Example:
   >>> import tempfile

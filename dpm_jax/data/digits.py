@@ -15,16 +15,14 @@ Pixels are 0..16 in scikit-learn and are stored as uint8 ``x * 255 // 16``
 (0..255, 16 -> 255) so that every dataset here shares one scale;
 normalization happens in the input pipeline.
 
-TensorFlow is not needed. TFDS serializes examples with its own copy of the
-`tf.train.Example` protos; only its numpy -> PNG encoder for `Image` features
-calls TensorFlow, so the image is a `Tensor` feature: 64 raw bytes, smaller
-than a PNG and several times faster to read (no image decoder).
+The image is a `Tensor` feature (see `dpm_jax.data.local_builder`): 64 raw
+bytes, smaller than a PNG and several times faster to read (no image decoder).
 """
 
-from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from dpm_jax.data import local_builder
 
 NUM_TEST = 360
 SPLIT_SEED = 0
@@ -51,9 +49,7 @@ def split_indices() -> dict[str, np.ndarray]:
   return {'train': np.sort(train), 'test': np.sort(test)}
 
 
-# Not registered under TFDS's global names: the pipeline uses the class, and
-# TFDS reads a prepared copy from its files alone.
-class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class Digits(local_builder.LocalBuilder, skip_registration=True):
   """TFDS builder for the scikit-learn digits; see the module docstring.
 
   Example:
@@ -69,26 +65,6 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {
       '1.0.0': 'sklearn load_digits, stratified 1437/360 split, seed 0.',
   }
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS derives this through the top-level package, which fails when
-    # `dpm_jax` is a namespace package; it is simply this file.
-    return epath.Path(__file__)
-
-  def __init__(self, **kwargs):
-    # Random access (tfds.data_source, grain) needs array_record.
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-
-  # TFDS prints "Downloading and preparing ... Unknown size" to stdout;
-  # nothing is downloaded here, so log instead.
-  def _log_download_bytes(self) -> None:
-    logging.info('Preparing digits in %s.', self.data_dir)
-
-  def _log_download_done(self) -> None:
-    logging.info('Prepared digits in %s.', self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # `dataset_info_from_configs` would read metadata files next to this

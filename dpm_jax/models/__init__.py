@@ -25,6 +25,7 @@ from flax import nnx
 
 from dpm_jax.models.digits_cnn import DigitsCNN as DigitsCNN
 from dpm_jax.models.layers import ConvBN as ConvBN
+from dpm_jax.models.mnist1d_cnn import Mnist1DCNN as Mnist1DCNN
 from dpm_jax.models.mobilenet_v2 import MobileNetV2 as MobileNetV2
 from dpm_jax.models.resnet_cifar import CifarResNet as CifarResNet
 from dpm_jax.models.resnet_cifar import ResNet20 as ResNet20
@@ -35,6 +36,7 @@ from dpm_jax.models.vgg import VGG16BN as VGG16BN
 
 MODELS: dict[str, type[nnx.Module]] = {
     "digits_cnn": DigitsCNN,
+    "mnist1d_cnn": Mnist1DCNN,
     "resnet20": ResNet20,
     "resnet56": ResNet56,
     "resnet110": ResNet110,

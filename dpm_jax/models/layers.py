@@ -17,16 +17,17 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out),
-# fan_out = kh * kw * out_channels; a depthwise kernel (kh, kw, 1, C) gets kh * kw * C in
-# both frameworks.
+# fan_out = kh * kw * out_channels (k * out_channels in 1D); a depthwise kernel (kh, kw, 1, C)
+# gets kh * kw * C in both frameworks.
 conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class ConvBN(nnx.Module):
-  """A bias-free square convolution followed by BatchNorm; no activation.
+  """A bias-free square (cubic, ...) convolution followed by BatchNorm; no activation.
 
   Padding is ``kernel_size // 2`` on every side (PyTorch's convention), not ``'SAME'``,
-  so strided convolutions see the same pixels as in torchvision.
+  so strided convolutions see the same pixels as in torchvision. ``spatial_dims`` is 2 for
+  images ``[B, H, W, C]`` and 1 for sequences ``[B, L, C]``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -34,6 +35,9 @@ class ConvBN(nnx.Module):
     >>> layer = nnx.eval_shape(lambda: ConvBN(3, 8, 3, strides=2, rngs=nnx.Rngs(0)))
     >>> nnx.eval_shape(lambda m, x: m(x), layer, jnp.ones((2, 32, 32, 3))).shape
     (2, 16, 16, 8)
+    >>> layer = nnx.eval_shape(lambda: ConvBN(1, 8, 5, spatial_dims=1, rngs=nnx.Rngs(0)))
+    >>> nnx.eval_shape(lambda m, x: m(x), layer, jnp.ones((2, 40, 1))).shape
+    (2, 40, 8)
   """
 
   def __init__(
@@ -44,15 +48,16 @@ class ConvBN(nnx.Module):
       *,
       strides: int = 1,
       feature_group_count: int = 1,
+      spatial_dims: int = 2,
       rngs: nnx.Rngs,
   ):
     pad = kernel_size // 2
     self.conv = nnx.Conv(
         in_features,
         out_features,
-        (kernel_size, kernel_size),
+        (kernel_size,) * spatial_dims,
         strides=strides,
-        padding=((pad, pad), (pad, pad)),
+        padding=((pad, pad),) * spatial_dims,
         feature_group_count=feature_group_count,
         use_bias=False,
         kernel_init=conv_kernel_init,
