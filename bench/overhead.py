@@ -13,7 +13,9 @@ repetition). The regimes, for every preset of ``dpm_jax.recipes.PRESETS``:
 - ``holding``: channels are pruned and held at zero (a mask multiply);
 - ``decaying``: channels are decaying (smooth pruning; with self-rectifying also the gradient
   history, the release test);
-- ``soft``: between two soft-pruning events (soft-pruned channels train freely: SFP).
+- ``soft``: between two soft-pruning events (soft-pruned channels train freely: SFP);
+- ``protective``: between two PSAP events (zeroed channels train; their gradient history is
+  watched for pulses).
 
 Target: paired ratio <= 1.05. The compile count of each pruning step over the whole
 measurement (events, decays and releases included) is printed too; it must be 1.
@@ -49,6 +51,7 @@ RECIPES = {
     "depgraph dpm decaying": _R.depgraph(0.5, "dpm", decay_steps=NEVER, min_decay_steps=1),
     "magnitude hard holding": _R.magnitude(0.5, "hard"),
     "sfp soft": _R.sfp(0.5, "soft", end_step=NEVER, interval=NEVER),
+    "psap protective": _R.psap(0.5, end_step=NEVER, interval=NEVER),
 }
 
 

@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.enabled = False
   # Fields below that a method's parts do not take are ignored (num_events for 'sfp',
   # interval_epochs for 'depgraph', decay_steps for removal 'hard', ...).
-  pruning.method = 'depgraph'  # A preset in dpm_jax.recipes.PRESETS: 'depgraph', 'magnitude', 'sfp'.
+  # A preset in dpm_jax.recipes.PRESETS: 'depgraph', 'magnitude', 'sfp', 'psap'.
+  pruning.method = 'depgraph'
   pruning.criterion = ''  # Override the preset's criterion ('l1', 'l2', 'group_l2'); '' keeps it.
   pruning.allocation = ''  # Override the preset's allocation ('global', 'uniform'); '' keeps it.
   # 'hard' (base method), 'soft' (SFP's base), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
@@ -72,10 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.start_epoch = 0.0  # First pruning event, in epochs from the start of the phase.
   pruning.end_epoch = 10.0  # Last pruning event (== start_epoch: one-shot).
   pruning.num_events = 5  # Pruning events from start_epoch to end_epoch, each a step down in FLOPs.
-  pruning.interval_epochs = 1.0  # 'sfp': an event (a fresh selection) every this many epochs.
-  # Removal 'soft': zero a filter's 'weights' (SFP: BatchNorm stays, so it can regrow) or all
-  # its 'producers' (kernel, bias, BatchNorm scale and bias: its output is zero).
-  pruning.zero = 'weights'
+  # 'sfp', 'psap': an event (a fresh selection) every this many epochs, and at end_epoch.
+  pruning.interval_epochs = 1.0
+  # Removals 'soft', 'protective': zero a filter's 'weights' (SFP: BatchNorm stays, so it can
+  # regrow) or all its 'producers' (kernel, bias, BatchNorm scale and bias: output zero);
+  # None: the method's default ('weights').
+  pruning.zero = ml_collections.config_dict.placeholder(str)
   # Criteria 'l1', 'l2': rank by the kernel slices only (SFP's filter norm); None: the
   # method's default ('sfp': True, the others: False).
   pruning.weights_only = ml_collections.config_dict.placeholder(bool)
@@ -83,9 +86,22 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
   pruning.len_threshold = 1.0  # ... and (logic) the relative gradient norm EMA exceeds this (T_len).
   pruning.logic = 'and'  # 'and' or 'or' of the two self-rectifying tests.
-  pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs.
+  pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs (SR, and PSAP's pulses).
   pruning.min_decay_steps = 10  # Decay steps before a channel may be released.
   pruning.cooldown = 400  # Steps after a release before the channel may be selected again.
+  # PSAP ('psap': allocation 'adaptive', removal 'protective'); None: the method's default.
+  pruning.sparsity = ml_collections.config_dict.placeholder(str)  # 'weights' or 'channels'.
+  # 'weights': a group's sparsity is its share of kernel entries below this times the mean
+  # magnitude of their layer...
+  pruning.sparsity_threshold = ml_collections.config_dict.placeholder(float)
+  # ... 'channels': its share of channels whose norm is below this times the group median.
+  pruning.channel_fraction = ml_collections.config_dict.placeholder(float)
+  pruning.p_min = ml_collections.config_dict.placeholder(float)  # Each group's ratio bounds.
+  pruning.p_max = ml_collections.config_dict.placeholder(float)
+  pruning.gamma = ml_collections.config_dict.placeholder(float)  # Pulse threshold (restore).
+  pruning.protect_events = ml_collections.config_dict.placeholder(int)  # Events protected.
+  # A zeroed channel's pulse is over the mean of its group's 'zeroed' or 'active' channels.
+  pruning.reference = ml_collections.config_dict.placeholder(str)
   pruning.learning_rate = 0.01  # Peak learning rate of the prune phase.
   pruning.lr_schedule = 'constant'  # Its schedule ('constant', 'cosine', 'piecewise').
   pruning.record_every_steps = 5  # Record channel norms for the report's decay plot this often.

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +28,8 @@ import numpy as np
 
 from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
 
-__all__ = ["ChannelIndex", "sq_norms", "abs_sums", "scale", "segment_mean", "split"]
+__all__ = ["ChannelIndex", "per_channel", "sq_norms", "abs_sums", "scale", "where",
+           "segment_mean", "segment_sum", "split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,14 @@ def _leaves(index: ChannelIndex, tree: Any, roles: Sequence[str]):
         yield x, m
 
 
-def _per_channel(index: ChannelIndex, tree: Any, roles: Sequence[str], fn,
-                 min_ndim: int) -> jax.Array:
+def per_channel(index: ChannelIndex, tree: Any, fn: Callable[[jax.Array], jax.Array],
+                roles: Sequence[str] = (PRODUCER,), min_ndim: int = 0) -> jax.Array:
+  """``[K]``: for every channel, the sum of ``fn(leaf)`` over its member slices.
+
+  ``fn`` maps a whole leaf (float32) to an array of its shape, so it may use statistics of
+  the layer (e.g. ``lambda w: abs(w) < mean(abs(w))``). Only members with one of ``roles``,
+  in leaves of at least ``min_ndim`` dimensions.
+  """
   out = jnp.zeros(index.num_channels, jnp.float32)
   for x, m in _leaves(index, tree, roles):
     if x.ndim < min_ndim:
@@ -105,14 +112,14 @@ def sq_norms(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
              min_ndim: int = 0) -> jax.Array:
   """``[K]`` squared L2 norm of every channel over its members with the given roles, in
   leaves of at least ``min_ndim`` dimensions (2: the kernels only)."""
-  return _per_channel(index, tree, roles, jnp.square, min_ndim)
+  return per_channel(index, tree, jnp.square, roles, min_ndim)
 
 
 def abs_sums(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
              min_ndim: int = 0) -> jax.Array:
   """``[K]`` L1 norm of every channel over its members with the given roles, in leaves of
   at least ``min_ndim`` dimensions (2: the kernels only)."""
-  return _per_channel(index, tree, roles, jnp.abs, min_ndim)
+  return per_channel(index, tree, jnp.abs, roles, min_ndim)
 
 
 def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
@@ -139,6 +146,37 @@ def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
     return x
 
   return jax.tree_util.tree_map_with_path(scale_leaf, tree)
+
+
+def where(index: ChannelIndex, take: jax.Array, on_true: Any, on_false: Any,
+          roles: Sequence[str] = (PRODUCER,)) -> Any:
+  """``on_false`` with the member slices (of ``roles``) of the channels ``take`` (``[K]``
+  bool) from ``on_true``; both trees have the params' structure. Exact: values are chosen,
+  not computed."""
+
+  def pick(key_path, a, b):
+    mask = None
+    for m in index.members.get(path_str(key_path), ()):
+      if m.role not in roles:
+        continue
+      t = take[m.start:m.start + len(m.indices)]
+      if m.whole_axis:
+        along = t
+      else:
+        along = jnp.zeros(b.shape[m.axis], bool)
+        along = along.at[m.indices.ravel()].set(jnp.repeat(t, m.indices.shape[1]))
+      shape = [1] * b.ndim
+      shape[m.axis] = -1
+      along = along.reshape(shape)
+      mask = along if mask is None else mask | along
+    return b if mask is None else jnp.where(mask, a, b)
+
+  return jax.tree_util.tree_map_with_path(pick, on_true, on_false)
+
+
+def segment_sum(index: ChannelIndex, values: jax.Array) -> jax.Array:
+  """``[G]`` the sum of ``values`` (``[K]``) over each group."""
+  return jax.ops.segment_sum(values, jnp.asarray(index.segment_ids), index.num_groups)
 
 
 def segment_mean(index: ChannelIndex, values: jax.Array, where: jax.Array) -> jax.Array:

@@ -26,7 +26,8 @@ from dpm_jax.flops import spec_cost
 from dpm_jax.groups import GroupSpec
 from dpm_jax.surgery import check_keep
 
-__all__ = ["Trajectories", "group_rows", "plot_trajectories", "plot_widths", "write_report"]
+__all__ = ["Trajectories", "group_rows", "group_ratios", "plot_trajectories", "plot_ratios",
+           "plot_widths", "write_report"]
 
 
 class Trajectories:
@@ -105,18 +106,45 @@ def plot_trajectories(path: str | os.PathLike[str], traj: Trajectories,
     ax.plot(traj.steps, traj.norms[:, c], color="tab:red" if released else "0.6",
             lw=1.4 if released else 0.6, alpha=1.0 if released else 0.6, zorder=3 if released else 2)
     if released:
-      # Every recorded decaying -> active transition is a release.
+      # Every recorded decaying or soft-pruned -> active transition may be one.
       s = traj.status[:, c]
-      marks = list(np.nonzero((s[:-1] == 1) & (s[1:] == 0))[0] + 1)
+      marks = list(np.nonzero((s[:-1] != 0) & (s[1:] == 0))[0] + 1)
       if not marks:  # released between two records and selected again since
         marks = [min(np.searchsorted(traj.steps, traj.released_at[c]), len(traj.steps) - 1)]
       ax.plot(traj.steps[marks], traj.norms[marks, c], "o", color="tab:red", ms=5, zorder=4)
   ax.plot([], [], color="0.6", label="selected (decayed, zeroed or soft-pruned)")
-  ax.plot([], [], "o-", color="tab:red", label="released (self-rectifying)")
+  ax.plot([], [], "o-", color="tab:red",
+          label="released (self-rectifying) or restored (protection)")
   ax.set_xlabel("optimizer step")
   ax.set_ylabel("channel norm (producer slices)")
   ax.set_title(title)
   ax.legend(loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def group_ratios(spec: GroupSpec, traj: Trajectories) -> np.ndarray:
+  """``[T, G]`` each group's share of channels selected for removal at every record."""
+  starts = np.cumsum((0,) + tuple(spec.sizes[:-1]))
+  removed = (traj.status != 0).astype(np.float64)
+  return np.add.reduceat(removed, starts, axis=1) / np.asarray(spec.sizes) if spec.sizes else (
+      np.zeros((len(traj.steps), 0)))
+
+
+def plot_ratios(path: str | os.PathLike[str], spec: GroupSpec, traj: Trajectories) -> None:
+  """Each group's removed share over the prune phase: how the allocation spread the cut
+  (PSAP's self-adaptive ratios move at every event)."""
+  fig = _figure((8, 4.5))
+  ax = fig.subplots()
+  ratios = group_ratios(spec, traj)
+  for g, group in enumerate(spec.groups):
+    ax.plot(traj.steps, ratios[:, g], lw=1.2, label=f"{g}: {group.name}"[:40])
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("share of the group's channels removed")
+  ax.set_ylim(0, 1)
+  ax.set_title("Per-group pruning ratios")
+  if len(spec.groups) <= 12:
+    ax.legend(loc="upper left", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -174,8 +202,12 @@ def write_report(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequenc
   if trajectories is not None and len(trajectories.steps):
     plot_trajectories(os.path.join(workdir, "decay.png"), trajectories)
     n_rel = int((trajectories.released > 0).sum())
-    lines += [f"Channel norms during pruning ({n_rel} channels released by self-rectifying, "
-              "in red):", "", "![channel norms during decay](decay.png)", ""]
+    plot_ratios(os.path.join(workdir, "ratios.png"), spec, trajectories)
+    lines += [f"Channel norms during pruning ({n_rel} channels released by self-rectifying "
+              "or restored by protection, in red):", "",
+              "![channel norms during decay](decay.png)", "",
+              "Each group's share of removed channels over the prune phase:", "",
+              "![per-group pruning ratios](ratios.png)", ""]
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import digits_dpm
+from configs import digits_psap_scratch
 from dpm_jax import checkpoint
 from dpm_jax import data
 from dpm_jax.pruning import criteria
@@ -105,3 +106,30 @@ def test_recipe_from_config_converts_epochs_to_steps():
   config.pruning.weights_only = False
   assert pruning.recipe_from_config(config.pruning, steps_per_epoch=44).criterion == (
       criteria.L2())
+
+
+def test_psap_from_scratch_needs_no_pretraining(tmp_path):
+  config = digits_psap_scratch.get_config()
+  config.data_dir = str(tmp_path / 'data')
+  config.progress_bar = False
+  config.log_every_steps = 1000
+  config.pruning.update(epochs=3.0, end_epoch=3.0, finetune_epochs=1.0)
+  workdir = tmp_path / 'run'
+  result = train.train_and_evaluate(config, workdir)
+  assert not (workdir / 'pretrain').exists()
+  assert result['dense_test_accuracy'] < 0.5   # the random initialisation
+  assert result['flops_ratio'] <= 0.5 and abs(result['flops_ratio'] - 0.5) <= 0.03
+  assert result['surgery_max_abs_diff'] < 1e-3  # float32 round-off on logits of hundreds
+  assert result['test_accuracy'] > 0.5
+  report = (workdir / 'report.md').read_text()
+  assert 'ratios.png' in report and 'restored by protection' in report
+  assert (workdir / 'ratios.png').read_bytes()[:4] == b'\x89PNG'
+  phases = {json.loads(l)['phase'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()}
+  assert phases == {'prune', 'finetune', 'result'}
+
+
+def test_pruning_from_scratch_only_with_pruning(tmp_path):
+  config = digits_psap_scratch.get_config()
+  config.pruning.enabled = False
+  with pytest.raises(ValueError, match='num_epochs must be positive.*pruning from scratch'):
+    train.train_and_evaluate(config, tmp_path / 'run')

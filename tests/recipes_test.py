@@ -16,8 +16,8 @@ from dpm_jax.pruning.recipes import Recipe
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(criterion="taylor"), "criterion"),
-    (dict(allocation="adaptive"), "allocation"),
-    (dict(removal="protective"), "removal"),
+    (dict(allocation="hessian"), "allocation"),
+    (dict(removal="gradual"), "removal"),
     (dict(removal="dpm", logic="xor"), "logic"),
     (dict(target_flops=0.0), "target_flops"),
     (dict(target_flops=-0.5), "target_flops"),
@@ -96,6 +96,7 @@ def test_option_names_follow_the_chosen_parts():
   assert {"decay_steps", "cooldown", "rate_threshold", "start_step"} <= dpm
   sfp = recipes.option_names("sfp")
   assert "interval" in sfp and "zero" in sfp and "num_events" not in sfp
+  assert "decay_steps" in recipes.option_names("sfp", removal="dpm_sp")
   with pytest.raises(ValueError, match="Unknown pruning method 'otov9'"):
     recipes.option_names("otov9")
 
@@ -208,31 +209,64 @@ def test_sfp_preset():
   r = recipes.sfp(target_flops=0.6, start_step=0, end_step=100, interval=20)
   assert _names(r) == ("L2", "Uniform", "Interval", "Soft")
   assert r.schedule.event_steps == (0, 20, 40, 60, 80, 100)
-  # SFP ranks filters by the L2 norm of their weights and zeroes the weights.
+  # SFP ranks filters by the L2 norm of their weights; it zeroes every producer slice
+  # (zero='weights': the weights only, as SFP's reference code).
   assert r.criterion == criteria.L2(weights_only=True)
-  assert r.removal == removals.Soft(zero="weights")
+  assert r.removal == removals.Soft(zero="producers")
   assert recipes.sfp(weights_only=False).criterion == criteria.L2()
-  assert recipes.sfp(zero="producers").removal == removals.Soft(zero="producers")
+  assert recipes.sfp(zero="weights").removal == removals.Soft(zero="weights")
   assert recipes.sfp(allocation="global").allocation == allocations.Global()
 
 
-@pytest.mark.parametrize("removal", ["hard", "dpm_sp", "dpm"])
-def test_sfp_rejects_what_is_not_soft_pruning(removal):
+def test_sfp_with_smooth_pruning_decays_to_a_soft_zero():
+  r = recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=5)
+  assert r.removal == removals.SmoothPruning(decay_steps=5, soft=True)
+  r = recipes.sfp(removal="dpm", start_step=0, end_step=100, interval=20, decay_steps=5,
+                  min_decay_steps=1)
+  assert isinstance(r.removal, removals.SelfRectifying) and r.removal.soft
+  # A decay must end before the next event selects afresh.
+  with pytest.raises(ValueError, match="decay_steps=20 while events are 20 steps apart"):
+    recipes.sfp(removal="dpm_sp", start_step=0, end_step=100, interval=20, decay_steps=20)
+  with pytest.raises(ValueError, match="decay_steps=10 while events are 5 steps apart"):
+    recipes.sfp(removal="dpm_sp", start_step=0, end_step=45, interval=20, decay_steps=10)
+
+
+def test_sfp_rejects_hard_removal():
   with pytest.raises(ValueError, match="its removal is 'soft'"):
-    recipes.sfp(removal=removal)
+    recipes.sfp(removal="hard")
 
 
-def test_presets_validate():
-  with pytest.raises(ValueError, match="target_flops="):
-    recipes.depgraph(target_flops=2.0)
-  with pytest.raises(ValueError, match="removal="):
-    recipes.magnitude(removal="gradual")
-  with pytest.raises(ValueError, match="num_events="):
-    recipes.depgraph(start_step=5, end_step=5, num_events=5)   # 5 events need a span
+def test_psap_preset():
+  r = recipes.psap(target_flops=0.3, start_step=0, end_step=100, interval=20, gamma=2.0)
+  assert _names(r) == ("L2", "Adaptive", "Interval", "Protective")
+  assert r.removal.gamma == 2.0 and r.allocation.p_max == 0.9
+  assert isinstance(recipes.psap(removal="soft").removal, removals.Soft)
+  with pytest.raises(ValueError, match="its removals are 'protective' and 'soft'"):
+    recipes.psap(removal="dpm")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(sparsity_threshold=0.0), "sparsity_threshold"),
+    (dict(sparsity_threshold=-1.0), "sparsity_threshold"),
+    (dict(channel_fraction=0.0), "channel_fraction"),
+    (dict(sparsity="bias"), "sparsity"),
+    (dict(p_min=-0.1), "p_min"),
+    (dict(p_max=1.0), "p_max"),
+    (dict(p_max=0.0), "p_max"),
+    (dict(p_min=0.6, p_max=0.5), "p_min"),
+    (dict(gamma=-1.0), "gamma"),
+    (dict(ema_decay=1.0), "ema_decay"),
+    (dict(protect_events=-1), "protect_events"),
+    (dict(protect_events=1.5), "protect_events"),
+    (dict(zero="kernels"), "zero"),
+])
+def test_bad_psap_input_is_a_value_error_naming_it(kwargs, field):
+  with pytest.raises(ValueError, match=rf"{field}="):
+    recipes.psap(**kwargs)
 
 
 def test_registry_names_every_preset():
-  assert set(recipes.PRESETS) == {"depgraph", "magnitude", "sfp"}
+  assert set(recipes.PRESETS) == {"depgraph", "magnitude", "sfp", "psap"}
   for name, preset in recipes.PRESETS.items():
     assert isinstance(preset(), Recipe), name
 

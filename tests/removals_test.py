@@ -194,9 +194,9 @@ def test_mark_leaves_channels_not_marked_alone():
 def test_soft_removal_selects_afresh_at_every_event():
   ctx = _ctx()
   status = _i8([SOFT, ACTIVE, SOFT, ACTIVE, SOFT])
-  removal = removals.Soft()
-  out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
-  np.testing.assert_array_equal(out, np.zeros(5))
+  for removal in (removals.Soft(), removals.SmoothPruning(decay_steps=2, soft=True)):
+    out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
+    np.testing.assert_array_equal(out, np.zeros(5))
   # Hard removal and held smooth pruning keep earlier selections.
   for removal in (removals.Hard(), removals.SmoothPruning(decay_steps=2)):
     out, _ = removal.begin_event(ctx, removal.init(ctx, None), status)
@@ -230,6 +230,12 @@ def test_decay_factors_hand_computed():
   np.testing.assert_array_equal(out, [ACTIVE, DECAYING, PRUNED, PRUNED, DECAYING])
   np.testing.assert_array_equal(n, [0, 1, 4, 4, 2])
   assert np.all(np.isfinite(factor))
+  # Not held: the channel that reaches zero is soft-pruned, free to regrow.
+  out, _, factor = removals.decay_factors(
+      status, jnp.asarray([0, 0, 3, 4, 1]), jnp.asarray([9.0, 2.0, 4.0, 1.0, 3.0]),
+      jnp.array([1.0, 4.0, 2.0, 5.0, 0.0]), 4, hold=False)
+  np.testing.assert_array_equal(out, [ACTIVE, DECAYING, SOFT, PRUNED, DECAYING])
+  assert float(factor[2]) == 0.0
 
 
 @pytest.mark.parametrize("decay_steps", [1, 3, 5])
@@ -250,9 +256,9 @@ def test_decay_factors_reach_zero_after_exactly_n_steps(decay_steps):
 
 
 def test_decay_factors_jit():
-  fn = jax.jit(removals.decay_factors, static_argnums=4)
+  fn = jax.jit(removals.decay_factors, static_argnums=(4, 5))
   status, n, factor = fn(_i8([DECAYING, ACTIVE]), jnp.zeros(2, jnp.int32), jnp.ones(2),
-                         jnp.array([1.0, 1.0]), 2)
+                         jnp.array([1.0, 1.0]), 2, True)
   np.testing.assert_allclose(factor, [0.5, 1.0])
   np.testing.assert_array_equal(n, [1, 0])
 

@@ -73,6 +73,12 @@ RECIPES: dict[str, tuple[Callable[[], dpm_jax.Recipe], bool]] = {
     "sfp_soft_global_producers": (lambda: recipes.sfp(
         0.5, allocation="global", zero="producers", start_step=1, end_step=5, interval=2),
         False),
+    "sfp_dpm_sp": (lambda: recipes.sfp(0.5, "dpm_sp", start_step=0, end_step=8, interval=4,
+                                       decay_steps=3), False),
+    "sfp_dpm": (lambda: recipes.sfp(0.5, "dpm", start_step=0, end_step=8, interval=4,
+                                    decay_steps=3, min_decay_steps=1, cooldown=2), False),
+    "psap_protective": (lambda: recipes.psap(0.5, start_step=0, end_step=4, interval=2,
+                                             gamma=0.5), False),
 }
 
 
@@ -406,6 +412,10 @@ def test_unreachable_target_fails_at_construction():
   with pytest.raises(ValueError, match="target_flops=0.0005 cannot be met"):
     dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.depgraph(target_flops=0.0005))
   dpm_jax.prune(optax.sgd(LR), _digits_spec(), recipes.depgraph(target_flops=0.001))
+  # PSAP's ratios stop at p_max: 8 channels keep at least 2 with p_max = 0.75.
+  with pytest.raises(ValueError, match=r"target_flops=0.2 cannot be met.*p_max=0.75"):
+    dpm_jax.prune(optax.sgd(LR), _mlp_spec(), recipes.psap(0.2, p_max=0.75))
+  dpm_jax.prune(optax.sgd(LR), _mlp_spec(), recipes.psap(0.3, p_max=0.75))
 
 
 def test_recipe_must_be_a_recipe():
@@ -472,12 +482,12 @@ def _get(tree, path):
   return tree
 
 
-@pytest.mark.parametrize("removal", ["hard", "soft", "dpm_sp", "dpm"])
+@pytest.mark.parametrize("removal", ["hard", "soft", "dpm_sp", "dpm", "protective"])
 def test_digits_cnn_reaches_the_target_and_surgery_is_exact(removal):
   spec, train_def, eval_def, params, stats = _digits()
   target = 0.5
   options = dict(start_step=0, end_step=8, num_events=5, decay_steps=3, min_decay_steps=1,
-                 cooldown=4)
+                 cooldown=4, gamma=0.1, zero="weights")
   takes = recipes.option_names("depgraph", removal=removal)
   recipe = recipes.depgraph(target_flops=target, removal=removal,
                             **{k: v for k, v in options.items() if k in takes})
@@ -518,10 +528,10 @@ def test_digits_cnn_reaches_the_target_and_surgery_is_exact(removal):
     ), i
   assert train_step._cache_size() == 1
   ps = dpm_jax.prune_state(opt_state)
-  assert seen == {"hard": {ACTIVE, PRUNED}, "soft": {ACTIVE, SOFT}}.get(
-      removal, {ACTIVE, DECAYING, PRUNED})
+  assert seen == {"hard": {ACTIVE, PRUNED}, "soft": {ACTIVE, SOFT},
+                  "protective": {ACTIVE, SOFT}}.get(removal, {ACTIVE, DECAYING, PRUNED})
   released, _ = pruning.given_back(ps)
-  if removal == "dpm":  # the default thresholds release channels on this run
+  if removal in ("dpm", "protective"):  # these thresholds release / restore channels here
     assert int(released.sum()) > 0
   else:
     assert int(released.sum()) == 0

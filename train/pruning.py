@@ -236,8 +236,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
                        f"{result['surgery_test_accuracy']:.4f} -> fine-tuned "
                        f"{result['test_accuracy']:.4f}",
       "surgery": f"exact to {surgery_diff:.2e} (max abs output difference, test batch)",
-      "self-rectifying": f"{result['released_channels']} channels released "
-                         f"({result['releases']} releases)",
+      "given back": f"{result['released_channels']} channels released by self-rectifying "
+                    f"or restored by protection ({result['releases']} times)",
       "pruning + fine-tuning wall time": f"{elapsed:.1f} s",
       "exported to": f"{export_dir}",
   }

@@ -18,7 +18,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 
 from dpm_jax import data
 from dpm_jax import models
@@ -40,8 +42,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_epochs'):
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
-  if config.num_epochs <= 0:
-    raise ValueError(f'config.num_epochs must be positive, got {config.num_epochs}.')
+  pruning_enabled = 'pruning' in config and config.pruning.enabled
+  if config.num_epochs < 0 or (config.num_epochs == 0 and not pruning_enabled):
+    raise ValueError(
+        f'config.num_epochs must be positive, got {config.num_epochs} (0 is allowed only '
+        'with pruning: pruning from scratch, without a dense pretrain phase).'
+    )
 
 
 def train_and_evaluate(
@@ -49,9 +55,9 @@ def train_and_evaluate(
 ) -> dict[str, float]:
   """Trains the model of `config` and evaluates it; resumes from `workdir` if possible.
 
-  Phases: 'pretrain' (dense training for `config.num_epochs` epochs), then, when
-  `config.pruning.enabled`, those of `train.pruning.run` (prune-train, finalize,
-  surgery, fine-tune, export, report).
+  Phases: 'pretrain' (dense training for `config.num_epochs` epochs; none when it is 0:
+  pruning from scratch), then, when `config.pruning.enabled`, those of
+  `train.pruning.run` (prune-train, finalize, surgery, fine-tune, export, report).
 
   Args:
     config: a config like `configs/default.py`.
@@ -96,21 +102,27 @@ def train_and_evaluate(
   )
   writer = loop.MetricsWriter(workdir / loop.METRICS_FILENAME)
 
-  tx = loop.create_optimizer(config, steps_per_epoch)
-  state = loop.create_train_state(params, batch_stats, tx)
-  state, final = loop.train_phase(
-      'pretrain',
-      state,
-      graphdefs=graphdefs,
-      tx=tx,
-      num_steps=int(config.num_epochs * steps_per_epoch),
-      steps_per_epoch=steps_per_epoch,
-      config=config,
-      workdir=workdir,
-      arch=arch,
-      writer=writer,
-      learning_rate_fn=loop.create_learning_rate_schedule(config, steps_per_epoch),
-  )
+  if config.num_epochs == 0:  # Pruning from scratch: the initialisation is the "dense" model.
+    state = loop.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optax.EmptyState())
+    test = loop.evaluate(loop.make_eval_step(graphdefs.eval), params, batch_stats,
+                         loop.eval_batches(config))
+    final = {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+  else:
+    tx = loop.create_optimizer(config, steps_per_epoch)
+    state = loop.create_train_state(params, batch_stats, tx)
+    state, final = loop.train_phase(
+        'pretrain',
+        state,
+        graphdefs=graphdefs,
+        tx=tx,
+        num_steps=int(config.num_epochs * steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        config=config,
+        workdir=workdir,
+        arch=arch,
+        writer=writer,
+        learning_rate_fn=loop.create_learning_rate_schedule(config, steps_per_epoch),
+    )
   if prune:
     final = pruning.run(
         config,

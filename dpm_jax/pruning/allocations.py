@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,8 +41,9 @@ from dpm_jax.flops import FlopsModel
 from dpm_jax.groups import GroupSpec
 from dpm_jax.pruning.base import Allocation, Context, State, check_float, check_int
 
-__all__ = ["GuardedAllocation", "Global", "Uniform", "min_keep", "check_reachable", "normalize", "select_global",
-           "select_uniform"]
+__all__ = ["GuardedAllocation", "Global", "Uniform", "Adaptive", "min_keep", "check_reachable",
+           "normalize", "select_global", "select_uniform", "select_by_ratios",
+           "weight_sparsity", "channel_sparsity", "adaptive_ratios"]
 
 
 def min_keep(spec: GroupSpec, min_channels: int, min_fraction: float) -> np.ndarray:
@@ -52,7 +54,8 @@ def min_keep(spec: GroupSpec, min_channels: int, min_fraction: float) -> np.ndar
 
 
 def check_reachable(model: FlopsModel, spec: GroupSpec, minimum: np.ndarray,
-                    target_flops: float) -> None:
+                    target_flops: float,
+                    guard: str = "the min_channels/min_fraction guard") -> None:
   """Raises if ``target_flops`` cannot be met with every group at its minimum width."""
   if not spec.groups:
     if target_flops < 1.0:
@@ -67,8 +70,8 @@ def check_reachable(model: FlopsModel, spec: GroupSpec, minimum: np.ndarray,
   if lowest > target_flops + 1e-9:
     raise ValueError(
         f"target_flops={target_flops} cannot be met: with the minimum channels per group "
-        f"the network keeps {lowest:.3f} of its FLOPs (unprunable layers and the "
-        "min_channels/min_fraction guard). Raise target_flops or lower the guard.")
+        f"the network keeps {lowest:.3f} of its FLOPs (unprunable layers and {guard}). "
+        "Raise target_flops or loosen the guard.")
 
 
 def _group_counts(seg: jax.Array, mask: jax.Array, num_groups: int) -> jax.Array:
@@ -162,12 +165,16 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   return removed | take
 
 
-def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
-                   removed: jax.Array, target_macs: jax.Array, minimum: jax.Array,
-                   iterations: int = 30) -> jax.Array:
-  """Removes the same fraction of every group (least important first) to meet the target.
+def select_by_ratios(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
+                     removed: jax.Array, target_macs: jax.Array, minimum: jax.Array,
+                     ratios: Callable[[jax.Array], jax.Array], upper: jax.Array | float,
+                     iterations: int = 30) -> jax.Array:
+  """Removes ``floor(ratios(x)[g] * size_g)`` channels of every group ``g`` (its least
+  important candidates; removed ones count) for the smallest ``x`` in ``[0, upper]`` that
+  meets the target, found by bisection (``ratios`` must not decrease with ``x``).
 
-  The fraction is found by bisection; arguments and result as for ``select_global``.
+  Arguments and result as for ``select_global``; when even ``x = upper`` misses the
+  target, that selection is returned.
   """
   seg = jnp.asarray(model.segment_ids)
   num_groups = minimum.shape[0]
@@ -180,8 +187,8 @@ def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   rank = jnp.zeros_like(rank).at[order].set(rank)        # back to channel order
   already = _group_counts(seg, removed, num_groups)
 
-  def selection(ratio):
-    want = jnp.floor(ratio * sizes).astype(jnp.int32)
+  def selection(x):
+    want = jnp.floor(ratios(x) * sizes).astype(jnp.int32)
     want = jnp.minimum(want, sizes - minimum)
     extra = jnp.maximum(want - already, 0)
     return removed | (candidates & (rank <= extra[seg]))
@@ -192,8 +199,42 @@ def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     ok = model.macs(~selection(mid)) <= target_macs
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-  _, hi = jax.lax.fori_loop(0, iterations, body, (jnp.float32(0.0), jnp.float32(1.0)))
+  upper = jnp.asarray(upper, jnp.float32)
+  _, hi = jax.lax.fori_loop(0, iterations, body, (jnp.float32(0.0), upper))
   return selection(hi)
+
+
+def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
+                   removed: jax.Array, target_macs: jax.Array, minimum: jax.Array,
+                   iterations: int = 30) -> jax.Array:
+  """Removes the same fraction of every group (least important first) to meet the target.
+
+  The fraction is found by bisection; arguments and result as for ``select_global``.
+  """
+  return select_by_ratios(model, scores, candidates, removed, target_macs, minimum,
+                          lambda x: jnp.full(minimum.shape, x), 1.0, iterations)
+
+
+def weight_sparsity(index: channels.ChannelIndex, params: Any,
+                    threshold: float) -> jax.Array:
+  """``[G]`` each group's share of near-zero weights: of the entries of its kernel producer
+  slices, those whose magnitude is below ``threshold`` times the mean magnitude of their
+  layer (kernel). Our reading of PSAP's "weight sparsity ratio"."""
+  below = channels.per_channel(
+      index, params, lambda w: (jnp.abs(w) < threshold * jnp.mean(jnp.abs(w))).astype(w.dtype),
+      min_ndim=2)
+  total = channels.per_channel(index, params, jnp.ones_like, min_ndim=2)
+  return channels.segment_sum(index, below) / jnp.maximum(channels.segment_sum(index, total), 1)
+
+
+def channel_sparsity(index: channels.ChannelIndex, params: Any,
+                     fraction: float) -> jax.Array:
+  """``[G]`` each group's share of weak channels: those whose producer norm is below
+  ``fraction`` times the median norm of the group's channels."""
+  norms = jnp.sqrt(channels.sq_norms(index, params))
+  weak = [jnp.mean((g < fraction * jnp.median(g)).astype(jnp.float32))
+          for g in channels.split(index, norms)]
+  return jnp.stack(weak) if weak else jnp.zeros(0, jnp.float32)
 
 
 def normalize(index: channels.ChannelIndex, scores: jax.Array,
@@ -281,4 +322,91 @@ class Uniform(GuardedAllocation):
     del params
     selected = select_uniform(ctx.flops, scores, candidates, removed, target_macs,
                               jnp.asarray(self.minimum(ctx.spec)))
+    return selected, state
+
+
+def adaptive_ratios(sparsity: jax.Array, alpha: jax.Array, p_min: float,
+                    p_max: float) -> jax.Array:
+  """PSAP's per-group pruning ratios from the groups' sparsity (our reading):
+  ``p_g = clip(alpha * s_g / mean(s), p_min, p_max)``; equal when no group is sparse."""
+  mean = jnp.mean(sparsity)
+  relative = jnp.where(mean > 0, sparsity / jnp.maximum(mean, 1e-12), 1.0)
+  return jnp.clip(alpha * relative, p_min, p_max)
+
+
+SPARSITIES = ("weights", "channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptive(GuardedAllocation):
+  """PSAP's self-adaptive allocation: each group's pruning ratio follows its own sparsity.
+
+  Our reading of "Protective Self-Adaptive Pruning" (Li and Zhao 2023), whose formulas are
+  not public: before each selection every group's sparsity ``s_g`` is measured
+  (``weight_sparsity`` or ``channel_sparsity``), its ratio is
+  ``p_g = clip(alpha * s_g / mean(s), p_min, p_max)`` (``adaptive_ratios``), with ``alpha``
+  found by bisection so that the event's FLOPs target is met, and within each group the
+  least important candidates go (``select_by_ratios``).
+
+  Attributes:
+    min_channels: never leave a group with fewer channels than this...
+    min_fraction: ... nor with fewer than this fraction of its channels (rounded up).
+    sparsity: ``weights``: the share of a group's kernel entries below
+      ``sparsity_threshold`` times their layer's mean magnitude; ``channels``: the share of
+      its channels whose norm is below ``channel_fraction`` times the group's median.
+    sparsity_threshold: see ``sparsity``.
+    channel_fraction: see ``sparsity``.
+    p_min: the smallest ratio of a group.
+    p_max: the largest ratio of a group (below 1: a group is never emptied).
+    iterations: bisection steps for ``alpha``.
+  """
+
+  sparsity: str = "weights"
+  sparsity_threshold: float = 0.5
+  channel_fraction: float = 0.5
+  p_min: float = 0.0
+  p_max: float = 0.9
+  iterations: int = 30
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.sparsity not in SPARSITIES:
+      raise ValueError(f"Adaptive: sparsity={self.sparsity!r}; choose one of "
+                       f"{', '.join(SPARSITIES)}.")
+    check_float("Adaptive", "sparsity_threshold", self.sparsity_threshold, 0.0, float("inf"),
+                low_open=True)
+    check_float("Adaptive", "channel_fraction", self.channel_fraction, 0.0, float("inf"),
+                low_open=True)
+    check_float("Adaptive", "p_min", self.p_min, 0.0, 1.0, high_open=True)
+    check_float("Adaptive", "p_max", self.p_max, 0.0, 1.0, low_open=True, high_open=True)
+    if self.p_min > self.p_max:
+      raise ValueError(f"Adaptive: p_min={self.p_min} must not exceed p_max={self.p_max}.")
+    check_int("Adaptive", "iterations", self.iterations, 1)
+
+  def check(self, ctx: Context) -> None:
+    # At best every group gives up p_max of its channels.
+    sizes = np.asarray(ctx.spec.sizes)
+    floor = np.maximum(self.minimum(ctx.spec), sizes - np.floor(self.p_max * sizes))
+    check_reachable(ctx.flops, ctx.spec, np.minimum(floor, sizes).astype(np.int32),
+                    ctx.target_flops, guard=f"p_max={self.p_max} with the min_channels/"
+                    "min_fraction guard")
+
+  def group_sparsity(self, ctx: Context, params: Any) -> jax.Array:
+    """``[G]`` the sparsity of every group (see ``sparsity``)."""
+    if self.sparsity == "weights":
+      return weight_sparsity(ctx.index, params, self.sparsity_threshold)
+    return channel_sparsity(ctx.index, params, self.channel_fraction)
+
+  def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
+             removed: jax.Array, target_macs: jax.Array,
+             params: Any) -> tuple[jax.Array, State]:
+    sparsity = self.group_sparsity(ctx, params)
+    relative = adaptive_ratios(sparsity, jnp.float32(1.0), 0.0, jnp.inf)
+    # alpha = upper brings every group with any sparsity to p_max.
+    smallest = jnp.min(jnp.where(relative > 0, relative, jnp.inf))
+    upper = jnp.where(jnp.isfinite(smallest), self.p_max / smallest, self.p_max)
+    ratios = lambda alpha: adaptive_ratios(sparsity, alpha, self.p_min, self.p_max)
+    selected = select_by_ratios(ctx.flops, scores, candidates, removed, target_macs,
+                                jnp.asarray(self.minimum(ctx.spec)), ratios, upper,
+                                self.iterations)
     return selected, state

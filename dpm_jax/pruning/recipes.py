@@ -21,7 +21,7 @@ Example:
   >>> r.schedule.event_steps, r.last_step
   ((100, 175, 250, 325, 400), 450)
   >>> recipes.sfp(target_flops=0.6, interval=44, end_step=400).removal
-  Soft(zero='weights')
+  Soft(zero='producers')
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = [
     "depgraph",
     "magnitude",
     "sfp",
+    "psap",
 ]
 
 CRITERIA: Mapping[str, type[Criterion]] = {
@@ -57,12 +58,14 @@ CRITERIA: Mapping[str, type[Criterion]] = {
 ALLOCATIONS: Mapping[str, type[Allocation]] = {
     "global": allocations.Global,
     "uniform": allocations.Uniform,
+    "adaptive": allocations.Adaptive,
 }
 REMOVALS: Mapping[str, type[Removal]] = {
     "hard": removals.Hard,
     "soft": removals.Soft,
     "dpm_sp": removals.SmoothPruning,
     "dpm": removals.SelfRectifying,
+    "protective": removals.Protective,
 }
 _KINDS = {"criterion": (Criterion, "score"), "allocation": (Allocation, "select"),
           "schedule": (Schedule, "event"), "removal": (Removal, "land"),
@@ -195,25 +198,54 @@ def sfp(target_flops: float = 0.5, removal: str | Removal = "soft", *,
   """Soft filter pruning (He et al., IJCAI 2018): every ``interval`` steps from
   ``start_step``, and at ``end_step``, the filters of each group whose weights have the
   lowest L2 norm are zeroed at the same ratio per group (``allocation='global'`` for a
-  FLOPs-ranked choice), but keep training and may regrow; each event selects afresh from the current weights; ``finalize``
-  zeroes the last selection for surgery. SFP's ``--rate`` is the fraction of filters kept;
-  here the target is in FLOPs.
+  FLOPs-ranked choice), but keep training and may regrow; each event selects afresh from the
+  current weights; ``finalize`` zeroes the last selection for surgery. SFP's ``--rate`` is
+  the fraction of filters kept; here the target is in FLOPs.
 
-  Only the soft removal: DPM's smooth pruning must decay a channel's BatchNorm scale and
-  bias with its kernel (conv -> BN is scale-invariant), and a channel whose BatchNorm scale
-  is zero gets no gradient in its kernel or scale, so it cannot regrow: smooth pruning and
-  soft pruning contradict each other on BatchNorm networks.
+  ``removal='dpm_sp'`` (our reading of SFP + smooth pruning): a selected filter decays to
+  zero over ``decay_steps`` steps instead of at once, then is free to regrow;
+  ``removal='dpm'`` adds self-rectifying during the decay. A decay must end before the next
+  event. ``'hard'`` is not soft pruning (use ``magnitude`` or ``depgraph``).
   """
-  if removal in ("hard", "dpm_sp", "dpm"):
-    raise ValueError(
-        f"Invalid pruning recipe: sfp(removal={removal!r}): soft filter pruning zeroes filters "
-        "and lets them regrow, so its removal is 'soft'. Smooth pruning ('dpm_sp', 'dpm') "
-        "decays a channel's BatchNorm scale with its kernel, after which it cannot regrow; "
-        "hard removal holds it at zero. For those use recipes.depgraph or "
-        "recipes.magnitude (allocation='uniform', criterion='l2' is SFP's choice of filters).")
+  if removal == "hard":
+    raise ValueError("Invalid pruning recipe: sfp(removal='hard'): soft filter pruning zeroes "
+                     "filters and lets them regrow, so its removal is 'soft' (or 'dpm_sp', "
+                     "'dpm': a smooth decay to a soft zero). For hard removal use "
+                     "recipes.magnitude or recipes.depgraph.")
+  if removal in ("dpm_sp", "dpm"):
+    options.setdefault("soft", True)
   if isinstance(criterion, str) and "weights_only" in _fields(CRITERIA.get(criterion, object)):
     options.setdefault("weights_only", True)  # SFP ranks filters by their weights' norm
-  return make("sfp", target_flops, criterion=criterion, allocation=allocation,
+  recipe = make("sfp", target_flops, criterion=criterion, allocation=allocation,
+                schedule=schedules.Interval, removal=removal, regularizer=regularizer,
+                **options)
+  steps = recipe.schedule.event_steps
+  gap = min((b - a for a, b in zip(steps, steps[1:])), default=None)
+  if gap is not None and recipe.removal.settle_steps >= gap:
+    raise ValueError(
+        f"Invalid pruning recipe: sfp(removal={removal!r}) with decay_steps="
+        f"{recipe.removal.settle_steps} while events are {gap} steps apart (events at "
+        f"{steps}): a selection must reach zero before the next event selects afresh. "
+        "Shorten decay_steps or space the events further.")
+  return recipe
+
+
+def psap(target_flops: float = 0.5, removal: str | Removal = "protective", *,
+         criterion: str | Criterion = "l2", allocation: str | Allocation = "adaptive",
+         regularizer: Regularizer | None = None, **options: Any) -> Recipe:
+  """Protective Self-Adaptive Pruning (Li and Zhao 2023), our reading (its formulas are not
+  public): soft pruning every ``interval`` steps from ``start_step`` and at ``end_step``;
+  before each event every group's ratio is set from its own weight sparsity
+  (``allocations.Adaptive``) and its lowest-L2 unprotected channels are zeroed; zeroed
+  channels whose gradients pulse are restored from a backup and protected
+  (``removals.Protective``). ``finalize`` makes the last selection final for surgery.
+  ``removal='soft'`` is the same without protection (an ablation). Prunes a pretrained
+  network or one from scratch alike."""
+  if isinstance(removal, str) and removal not in ("protective", "soft"):
+    raise ValueError(f"Invalid pruning recipe: psap(removal={removal!r}): PSAP prunes softly "
+                     "with protective reconstruction; its removals are 'protective' and "
+                     "'soft' (without protection).")
+  return make("psap", target_flops, criterion=criterion, allocation=allocation,
               schedule=schedules.Interval, removal=removal, regularizer=regularizer, **options)
 
 
@@ -221,6 +253,7 @@ PRESETS: Mapping[str, Callable[..., Recipe]] = {
     "depgraph": depgraph,
     "magnitude": magnitude,
     "sfp": sfp,
+    "psap": psap,
 }
 
 
@@ -230,7 +263,7 @@ def option_names(method: str, **names: Any) -> set[str]:
   option and pass those that apply.
 
   >>> sorted(option_names("magnitude", removal="dpm_sp"))
-  ['decay_steps', 'end_step', 'min_channels', 'min_fraction', 'num_events', 'start_step', 'weights_only']
+  ['decay_steps', 'end_step', 'min_channels', 'min_fraction', 'num_events', 'soft', 'start_step', 'weights_only']
   """
   if method not in PRESETS:
     raise ValueError(f"Unknown pruning method {method!r}; choose one of {', '.join(PRESETS)}.")

@@ -131,10 +131,16 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     criterion, allocation and removal states."""
     crit_st, alloc_st, rem_st = parts
     scores = criterion.score(ctx, crit_st, params)
-    candidates = removal.candidates(ctx, rem_st, status, count) & (status == ACTIVE)
-    removed = status != ACTIVE
-    selected, alloc_st = allocation.select(ctx, alloc_st, scores, candidates, removed,
-                                           target * dense, params)
+    active = status == ACTIVE
+    removed = ~active
+    target_macs = target * dense
+    allocate = lambda candidates: allocation.select(ctx, alloc_st, scores, candidates, removed,
+                                                    target_macs, params)
+    # The removal's candidates are a preference (cooldown, protection); the target is not:
+    # when they cannot meet it, every active channel is a candidate.
+    preferred = allocate(removal.candidates(ctx, rem_st, status, count) & active)
+    short = ctx.macs(~preferred[0]) > target_macs * (1 + 1e-6)
+    selected, alloc_st = jax.lax.cond(short, lambda: allocate(active), lambda: preferred)
     new = selected & ~removed
     status, rem_st = removal.mark(ctx, rem_st, status, new, params)
     return status, (crit_st, alloc_st, rem_st), new
