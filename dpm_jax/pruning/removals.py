@@ -522,7 +522,9 @@ class Protective(Removal):
     # Zeroed now: this event's selection, and replacements selected after the last step.
     zero = soft & (marked | ~state.saved)
     save = zero & ~state.saved
-    backup = channels.where(ctx.index, save, step.params, state.backup)
+    backup = jax.lax.cond(jnp.any(save),  # params-sized work only when needed
+                          lambda: channels.where(ctx.index, save, step.params, state.backup),
+                          lambda: state.backup)
     ema = self.ema_decay * state.grad_norm_ema + (1 - self.ema_decay) * _norms(ctx, step.grads)
     ema = jnp.where(zero, 0.0, ema)
     watched = soft & ~zero
@@ -540,7 +542,9 @@ class Protective(Removal):
     restore = state.saved & (status == ACTIVE)
     landed = channels.scale(ctx.index, stepped, (~zero).astype(jnp.float32),
                             min_ndim=2 if self.zero == "weights" else 0)
-    landed = channels.where(ctx.index, restore, backup, landed)
+    landed = jax.lax.cond(jnp.any(restore),
+                          lambda: channels.where(ctx.index, restore, backup, landed),
+                          lambda: landed)
     # An event's selection has passed: one event less of protection.
     protected = jnp.where(step.event, jnp.maximum(state.protected - 1, 0), state.protected)
     state = ProtectState(

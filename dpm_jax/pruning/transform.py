@@ -188,15 +188,17 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
       updates, reg_st = regularizer.update(ctx, reg_st, grads, params, status, ps.count)
     inner_updates, inner_st = inner.update(updates, opt_state.inner_state, params, **extra_args)
     step = Step(params, grads, inner_updates, ps.count, event)
+    # A step with non-finite gradients leaves the pruning state as it was: it is not busy,
+    # and what changes outside the branch keeps its old value.
     busy = finite & (event | removal.busy(ctx, ps.removal, status))
     new_updates, status, (crit_st, alloc_st, rem_st) = jax.lax.cond(
         busy, busy_step, idle_step, status, (ps.criterion, ps.allocation, ps.removal), step,
         target)
-    crit_st = criterion.update(ctx, crit_st, step)
-    new_ps = PruneState(ps.count + 1, state_lib.split_status(ps, status), crit_st, alloc_st,
-                        sched_st, rem_st, reg_st)
-    # A step with non-finite gradients leaves the pruning state as it was.
-    new_ps = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_ps, ps)
+    if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_ps = PruneState(ps.count + finite.astype(ps.count.dtype),
+                        state_lib.split_status(ps, status),
+                        if_finite(criterion.update(ctx, crit_st, step), crit_st), alloc_st,
+                        if_finite(sched_st, ps.schedule), rem_st, if_finite(reg_st, ps.regularizer))
     return new_updates, PruneOptState(inner_st, new_ps)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
