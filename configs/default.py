@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.enabled = False
   # Fields below that a method's parts do not take are ignored (num_events for 'sfp',
   # interval_epochs for 'depgraph', decay_steps for removal 'hard', ...).
-  # A preset in dpm_jax.recipes.PRESETS: 'depgraph', 'magnitude', 'sfp', 'psap'.
+  # A preset in dpm_jax.recipes.PRESETS: 'depgraph', 'magnitude', 'sfp', 'psap',
+  # 'gate_decorator', 'otov2'.
   pruning.method = 'depgraph'
   pruning.criterion = ''  # Override the preset's criterion ('l1', 'l2', 'group_l2'); '' keeps it.
   pruning.allocation = ''  # Override the preset's allocation ('global', 'uniform'); '' keeps it.
@@ -68,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.removal = 'dpm'
   pruning.target_flops = 0.5  # Fraction of the dense network's FLOPs that remains.
   pruning.min_channels = 1  # Never leave a group with fewer channels than this...
-  pruning.min_fraction = 0.0  # ... or than this fraction of its channels.
+  # ... or than this fraction of its channels; None: the method's ('gate_decorator': 0.1, else 0).
+  pruning.min_fraction = ml_collections.config_dict.placeholder(float)
   pruning.epochs = 20.0  # Length of the prune phase, in epochs.
   pruning.start_epoch = 0.0  # First pruning event, in epochs from the start of the phase.
   pruning.end_epoch = 10.0  # Last pruning event (== start_epoch: one-shot).
@@ -102,6 +104,21 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.protect_events = ml_collections.config_dict.placeholder(int)  # Events protected.
   # A zeroed channel's pulse is over the mean of its group's 'zeroed' or 'active' channels.
   pruning.reference = ml_collections.config_dict.placeholder(str)
+  # DepGraph's sparse learning ('depgraph'): group lasso from the start of the phase.
+  pruning.sparse_learning = False
+  pruning.reg = ml_collections.config_dict.placeholder(float)  # Its strength (5e-4)...
+  pruning.alpha = ml_collections.config_dict.placeholder(float)  # ... and spread (16).
+  # Gate Decorator ('gate_decorator'): a tick every tick_epochs removes tick_fraction of the
+  # remaining FLOPs (from start_epoch until end_epoch or the target); after ticks_per_tock
+  # ticks a tock of tock_epochs trains with gate_l1 times L1 on the gates.
+  pruning.tick_epochs = ml_collections.config_dict.placeholder(float)
+  pruning.ticks_per_tock = ml_collections.config_dict.placeholder(int)
+  pruning.tock_epochs = ml_collections.config_dict.placeholder(float)
+  pruning.tick_fraction = ml_collections.config_dict.placeholder(float)
+  pruning.gate_l1 = ml_collections.config_dict.placeholder(float)
+  # OTOv2 ('otov2'): the push on redundant channels and the half-space threshold.
+  pruning.lmbda = ml_collections.config_dict.placeholder(float)
+  pruning.eps = ml_collections.config_dict.placeholder(float)
   pruning.learning_rate = 0.01  # Peak learning rate of the prune phase.
   pruning.lr_schedule = 'constant'  # Its schedule ('constant', 'cosine', 'piecewise').
   pruning.record_every_steps = 5  # Record channel norms for the report's decay plot this often.

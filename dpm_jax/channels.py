@@ -28,7 +28,8 @@ import numpy as np
 
 from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
 
-__all__ = ["ChannelIndex", "per_channel", "sq_norms", "abs_sums", "scale", "where",
+__all__ = ["ChannelIndex", "per_channel", "sq_norms", "inner", "abs_sums", "scale", "spread",
+           "where",
            "segment_mean", "segment_sum", "split"]
 
 
@@ -61,6 +62,12 @@ class ChannelIndex:
   def has_role(self, key_path, role: str = PRODUCER) -> bool:
     """Whether the leaf at ``key_path`` holds a member with ``role``."""
     return any(m.role == role for m in self.members.get(path_str(key_path), ()))
+
+  def only(self, keep: Callable[[Path], bool]) -> ChannelIndex:
+    """The same index with the members of the variables whose path ``keep`` accepts (e.g.
+    the normalisation scales: ``lambda path: path[-1] == 'scale'``)."""
+    members = {p: ms for p, ms in self.members.items() if keep(p)}
+    return dataclasses.replace(self, members=members)
 
   @classmethod
   def build(cls, spec: GroupSpec, prefix: Path = ()) -> ChannelIndex:
@@ -115,6 +122,13 @@ def sq_norms(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
   return per_channel(index, tree, jnp.square, roles, min_ndim)
 
 
+def inner(index: ChannelIndex, a: Any, b: Any, roles: Sequence[str] = (PRODUCER,),
+          min_ndim: int = 0) -> jax.Array:
+  """``[K]`` inner product of two params-shaped trees over every channel's members."""
+  return per_channel(index, jax.tree.map(lambda x, y: x.astype(jnp.float32) * y, a, b),
+                     lambda x: x, roles, min_ndim)
+
+
 def abs_sums(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
              min_ndim: int = 0) -> jax.Array:
   """``[K]`` L1 norm of every channel over its members with the given roles, in leaves of
@@ -146,6 +160,32 @@ def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
     return x
 
   return jax.tree_util.tree_map_with_path(scale_leaf, tree)
+
+
+def spread(index: ChannelIndex, tree: Any, values: jax.Array,
+           roles: Sequence[str] = (PRODUCER,), min_ndim: int = 0) -> Any:
+  """A tree shaped like ``tree`` holding, at every entry, the sum of ``values[channel]``
+  (``[K]``) over the members (of ``roles``, in leaves of at least ``min_ndim`` dimensions)
+  that hold the entry; zero elsewhere. ``spread(...) * tree`` weights every slice by its
+  channel's value."""
+
+  def leaf(key_path, x):
+    out = jnp.zeros(x.shape, jnp.float32)
+    for m in index.members.get(path_str(key_path), ()):
+      if m.role not in roles or x.ndim < min_ndim:
+        continue
+      v = values[m.start:m.start + len(m.indices)]
+      if m.whole_axis:
+        along = v
+      else:
+        along = jnp.zeros(x.shape[m.axis], jnp.float32)
+        along = along.at[m.indices.ravel()].add(jnp.repeat(v, m.indices.shape[1]))
+      shape = [1] * x.ndim
+      shape[m.axis] = -1
+      out = out + along.reshape(shape)
+    return out
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def where(index: ChannelIndex, take: jax.Array, on_true: Any, on_false: Any,

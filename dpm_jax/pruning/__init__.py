@@ -2,21 +2,23 @@
 
 - ``base``: the protocol of each kind of part (``Criterion``, ``Allocation``, ``Schedule``,
   ``Removal``, ``Regularizer``) and what they all read (``Context``, ``Step``).
-- ``criteria``, ``allocations``, ``schedules``, ``removals``: the parts.
+- ``criteria``, ``allocations``, ``schedules``, ``removals``, ``regularizers``: the parts.
 - ``state``: ``PruneState``, the pruning state that rides in the optimizer state.
 - ``recipes``: ``Recipe``, the registry of names and the presets (``depgraph``, ``magnitude``,
-  ``sfp``).
+  ``sfp``, ``psap``, ``gate_decorator``, ``otov2``).
 - ``transform``: ``prune`` and the functions that read its state.
 """
 
 from dpm_jax.pruning import allocations
 from dpm_jax.pruning import criteria
 from dpm_jax.pruning import recipes
+from dpm_jax.pruning import regularizers
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
 from dpm_jax.pruning.base import ACTIVE
 from dpm_jax.pruning.base import DECAYING
 from dpm_jax.pruning.base import PRUNED
+from dpm_jax.pruning.base import PUSHED
 from dpm_jax.pruning.base import SOFT
 from dpm_jax.pruning.base import Allocation
 from dpm_jax.pruning.base import Context
@@ -41,6 +43,7 @@ __all__ = [
     "ACTIVE",
     "DECAYING",
     "PRUNED",
+    "PUSHED",
     "SOFT",
     "Allocation",
     "Context",
@@ -63,6 +66,7 @@ __all__ = [
     "prune_state",
     "ratios",
     "recipes",
+    "regularizers",
     "removals",
     "schedules",
 ]

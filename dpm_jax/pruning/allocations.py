@@ -81,15 +81,16 @@ def _group_counts(seg: jax.Array, mask: jax.Array, num_groups: int) -> jax.Array
 def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
                   removed: jax.Array, target_macs: jax.Array,
                   minimum: jax.Array, tolerance_macs: jax.Array | float = 0.0,
-                  swap_tries: int = 8) -> jax.Array:
+                  swap_tries: int = 32) -> jax.Array:
   """Removes the least important candidates, across groups, until MACs <= ``target_macs``.
 
   Channels go in order of importance until the target is met; then the most important of
   the channels just taken are given back, one by one, while the target still holds, so
   the MACs land just under the target rather than up to one channel's cost below it; last,
   while the MACs are more than ``tolerance_macs`` under the target, up to ``swap_tries`` of
-  the most important taken channels may each be swapped for the least important cheaper
-  candidate that lands closer to it (importance traded for precision, within the guard).
+  the most important taken channels may each be exchanged for the least important
+  candidates cheaper than it, taken in order until the target is met, when that lands
+  closer to it (importance traded for precision, within the guard).
 
   Args:
     model: the FLOPs model.
@@ -142,24 +143,35 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   take, dims_now = jax.lax.fori_loop(0, order.shape[0], give_back, (take, dims_n))
 
   # Still short of the target by more than `tolerance_macs` but by less than any taken
-  # channel's cost: swap one of the most important taken channels for the least important
-  # cheaper candidate that lands closer to the target (the guard still holds).
+  # channel's cost: exchange one of the most important taken channels for the least
+  # important candidates cheaper than it, taken in order until the target is met, when that
+  # lands closer to the target (the guard still holds).
+  k = order.shape[0]
+
   def swap(i, carry):
     take, dims_now = carry
     c = back[i]
-    gone = removed | take
-    counts = _group_counts(seg, ~gone, num_groups).at[seg[c]].add(1)
-    returned = dims_now + weights[:, c]                               # [D]
-    options = returned[:, None] - weights                             # [D, K]
     macs_now = model.macs_of_dims(dims_now)
-    macs = model.macs_of_dims(options)                             # [K]
-    fits = (candidates & ~gone & (counts[seg] - 1 >= minimum[seg])
-            & (macs <= target_macs) & (macs > macs_now))
-    d = jnp.argmin(jnp.where(fits, scores, jnp.inf))
-    ok = take[c] & fits[d] & (target_macs - macs_now > tolerance_macs)
-    take = take.at[c].set(take[c] & ~ok)
-    take = take.at[d].set(take[d] | ok)
-    return take, jnp.where(ok, options[:, d], dims_now)
+    returned = dims_now + weights[:, c]                               # [D]
+    macs_back = model.macs_of_dims(returned)
+    single = macs_back - model.macs_of_dims(returned[:, None] - weights)  # [K] each's cost
+    gone = removed | take
+    ok = candidates & ~gone & (jnp.arange(k) != c) & (single < macs_back - macs_now)
+    order_d = jnp.argsort(jnp.where(ok, scores, jnp.inf))
+    ok_sorted, seg_d = ok[order_d], seg[order_d]
+    hot = (seg_d[:, None] == jnp.arange(num_groups)[None, :]) & ok_sorted[:, None]
+    rank_d = jnp.take_along_axis(jnp.cumsum(hot, axis=0), seg_d[:, None], axis=1)[:, 0]
+    counts = _group_counts(seg, ~gone, num_groups).at[seg[c]].add(1)
+    allowed_d = ok_sorted & (counts[seg_d] - rank_d >= minimum[seg_d])
+    dims_seq = returned[:, None] - jnp.cumsum(weights[:, order_d] * allowed_d[None, :], axis=1)
+    macs_seq = model.macs_of_dims(dims_seq)                           # [K]
+    reached = macs_seq <= target_macs
+    n = jnp.argmax(reached)
+    accept = (take[c] & jnp.any(reached) & (macs_seq[n] > macs_now)
+              & (target_macs - macs_now > tolerance_macs))
+    chosen = jnp.zeros_like(take).at[order_d].set(allowed_d & (jnp.arange(k) <= n))
+    take = jnp.where(accept, take.at[c].set(False) | chosen, take)
+    return take, jnp.where(accept, dims_seq[:, n], dims_now)
 
   take, _ = jax.lax.fori_loop(0, min(swap_tries, order.shape[0]), swap, (take, dims_now))
   return removed | take

@@ -21,7 +21,8 @@ the abstract method is required, the others default to "no state, nothing to do"
 Channels are flat over all groups: group ``g`` owns entries
 ``[ctx.index.starts[g], ctx.index.starts[g] + size_g)`` of every ``[K]`` vector (see
 ``dpm_jax.channels``). A channel's *status* is one of ``ACTIVE``, ``DECAYING``, ``PRUNED``
-(held at zero) and ``SOFT`` (zeroed at its selection, training freely); a channel is *kept*
+(held at zero), ``SOFT`` (zeroed at its selection, training freely) and ``PUSHED`` (marked
+redundant, pushed towards zero until a projection removes it: OTOv2); a channel is *kept*
 exactly when it is ``ACTIVE``.
 
 Example, a criterion of one's own (the norm of the channel's inner update: channels the
@@ -58,6 +59,7 @@ __all__ = [
     "DECAYING",
     "PRUNED",
     "SOFT",
+    "PUSHED",
     "Context",
     "Step",
     "Criterion",
@@ -70,7 +72,7 @@ __all__ = [
 ]
 
 # Channel status.
-ACTIVE, DECAYING, PRUNED, SOFT = 0, 1, 2, 3
+ACTIVE, DECAYING, PRUNED, SOFT, PUSHED = 0, 1, 2, 3, 4
 
 State = Any
 

@@ -27,11 +27,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpm_jax.pruning import allocations
 from dpm_jax.pruning import criteria
+from dpm_jax.pruning import regularizers
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
 from dpm_jax.pruning.base import Allocation, Criterion, Regularizer, Removal, Schedule
@@ -48,12 +50,16 @@ __all__ = [
     "magnitude",
     "sfp",
     "psap",
+    "gate_decorator",
+    "otov2",
 ]
 
 CRITERIA: Mapping[str, type[Criterion]] = {
     "l1": criteria.L1,
     "l2": criteria.L2,
     "group_l2": criteria.GroupL2,
+    "taylor": criteria.Taylor,
+    "saliency": criteria.Saliency,
 }
 ALLOCATIONS: Mapping[str, type[Allocation]] = {
     "global": allocations.Global,
@@ -171,11 +177,21 @@ def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, s
 
 def depgraph(target_flops: float = 0.5, removal: str | Removal = "hard", *,
              criterion: str | Criterion = "group_l2", allocation: str | Allocation = "global",
-             regularizer: Regularizer | None = None, **options: Any) -> Recipe:
+             regularizer: Regularizer | None = None, sparse_learning: bool = False,
+             reg: float = 5e-4, alpha: float = 16.0, **options: Any) -> Recipe:
   """DepGraph (Fang et al. 2023): group-L2 importance over every coupled slice, ranked
   globally, removed iteratively: ``num_events`` (5 when ``end_step > start_step``, else one
   shot) from ``start_step`` to ``end_step``. ``removal='dpm_sp'|'dpm'`` gives DPM's +SP /
-  +SR; options go to the parts (see the module docstring)."""
+  +SR; options go to the parts (see the module docstring).
+
+  ``sparse_learning=True`` adds DepGraph's sparse learning (``regularizers.GroupLasso`` with
+  ``reg`` and ``alpha``) for the whole prune phase: the steps before ``start_step`` are its
+  sparse-training phase, and it keeps pushing during the pruning."""
+  if sparse_learning:
+    if regularizer is not None:
+      raise ValueError("Invalid pruning recipe: depgraph(sparse_learning=True) is a "
+                       "regularizer of its own; pass one or the other.")
+    regularizer = regularizers.GroupLasso(reg=reg, alpha=alpha)
   if "num_events" not in options:
     options["num_events"] = 5 if options.get("end_step", 0) > options.get("start_step", 0) else 1
   return make("depgraph", target_flops, criterion=criterion, allocation=allocation,
@@ -249,24 +265,78 @@ def psap(target_flops: float = 0.5, removal: str | Removal = "protective", *,
               schedule=schedules.Interval, removal=removal, regularizer=regularizer, **options)
 
 
+def gate_decorator(target_flops: float = 0.5, removal: str | Removal = "hard", *,
+                   criterion: str | Criterion = "taylor",
+                   allocation: str | Allocation = "global", gate_l1: float = 1e-3,
+                   **options: Any) -> Recipe:
+  """Gate Decorator (You et al., NeurIPS 2019): the Taylor score ``|gate * dL/dgate|`` of
+  every channel's normalisation scale, accumulated over a tick and ranked globally without
+  normalisation; every tick (``schedules.TickTock``) removes the least important channels
+  worth ``tick_fraction`` of the remaining FLOPs until the target, never leaving a group
+  below ``min_fraction`` (the reference: 0.1) of its channels; every ``ticks_per_tock``
+  ticks a tock of ``tock_steps`` trains with ``gate_l1`` times L1 on the gates
+  (``regularizers.GateL1``). ``removal='dpm_sp'|'dpm'`` gives DPM's +SP / +SR."""
+  if isinstance(allocation, str):
+    options.setdefault("normalize", False)
+    options.setdefault("min_fraction", 0.1)
+  schedule = schedules.TickTock(**{k: options.pop(k) for k in list(options)
+                                   if k in _fields(schedules.TickTock)})
+  return make("gate_decorator", target_flops, criterion=criterion, allocation=allocation,
+              schedule=schedule, removal=removal,
+              regularizer=regularizers.GateL1(strength=gate_l1, schedule=schedule), **options)
+
+
+def otov2(target_flops: float = 0.5, removal: str | Removal = "hard", *,
+          criterion: str | Criterion = "saliency", allocation: str | Allocation = "global",
+          lmbda: float = 1e-3, eps: float = 0.9, **options: Any) -> Recipe:
+  """OTOv2 (Chen et al., ICLR 2023), DHSPG on our channel groups (they are its
+  zero-invariant groups: kernel slice, bias, normalisation scale and bias, tied across
+  residual adds): at ``start_step`` (after a warm-up) the channels are partitioned by
+  saliency (``criteria.Saliency``) into important and redundant ones, the redundant share
+  set by the FLOPs target (``num_events`` > 1 partitions iteratively up to ``end_step``);
+  redundant channels are pushed towards zero (``regularizers.HalfSpacePush`` with
+  ``lmbda``) and removed when the half-space projection (``removals.HalfSpace`` with
+  ``eps``) says so: at once (``removal='hard'``, the base), by a smooth decay
+  (``'dpm_sp'``, +SP) or a decay with self-rectifying (``'dpm'``, +SR)."""
+  if isinstance(removal, str):
+    removal = removals.HalfSpace(eps=eps, then=_part("removal", removal, REMOVALS, options))
+  return make("otov2", target_flops, criterion=criterion, allocation=allocation,
+              schedule=schedules.Iterative, removal=removal,
+              regularizer=regularizers.HalfSpacePush(lmbda=lmbda), **options)
+
+
 PRESETS: Mapping[str, Callable[..., Recipe]] = {
     "depgraph": depgraph,
     "magnitude": magnitude,
     "sfp": sfp,
     "psap": psap,
+    "gate_decorator": gate_decorator,
+    "otov2": otov2,
 }
 
 
 def option_names(method: str, **names: Any) -> set[str]:
   """The options ``PRESETS[method]`` takes with the parts named in ``names`` (``criterion``,
-  ``allocation``, ``removal``; the preset's defaults otherwise), for configs that hold every
-  option and pass those that apply.
+  ``allocation``, ``removal``; the preset's defaults otherwise): the fields of its parts (and
+  of parts inside them) and the preset's own keywords, for configs that hold every option
+  and pass those that apply.
 
   >>> sorted(option_names("magnitude", removal="dpm_sp"))
   ['decay_steps', 'end_step', 'min_channels', 'min_fraction', 'num_events', 'soft', 'start_step', 'weights_only']
   """
   if method not in PRESETS:
     raise ValueError(f"Unknown pruning method {method!r}; choose one of {', '.join(PRESETS)}.")
-  recipe = PRESETS[method](**{k: v for k, v in names.items() if v})
-  parts = (recipe.criterion, recipe.allocation, recipe.schedule, recipe.removal)
-  return set().union(*(_fields(p) for p in parts))
+  preset = PRESETS[method]
+  recipe = preset(**{k: v for k, v in names.items() if v})
+  out: set[str] = set()
+  # The regularizer is built by the preset from its own keywords.
+  todo = [recipe.criterion, recipe.allocation, recipe.schedule, recipe.removal]
+  while todo:
+    part = todo.pop()
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+      out |= _fields(part)
+      todo += [getattr(part, f) for f in _fields(part)]
+  parts = {"target_flops", "removal", "criterion", "allocation", "regularizer"}
+  keywords = {k for k, p in inspect.signature(preset).parameters.items()
+              if p.kind == p.KEYWORD_ONLY and k not in parts}
+  return (out | keywords) - {"then"}  # a field that holds a part is not an option

@@ -9,6 +9,8 @@
   mistake (DPM's self-rectifying, "+SR").
 - ``Protective``: soft pruning whose zeroed channels are restored from a backup when their
   gradients pulse (PSAP's protective reconstruction).
+- ``HalfSpace``: redundant channels pushed towards zero until OTOv2's half-space projection
+  hands them to ``Hard``, ``SmoothPruning`` or ``SelfRectifying``.
 
 ``SmoothPruning`` and ``SelfRectifying`` take ``soft=True`` to run on top of soft pruning
 (our reading of SFP + DPM): a selected channel decays to zero over ``decay_steps`` steps
@@ -42,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpm_jax import channels
-from dpm_jax.pruning.base import (ACTIVE, DECAYING, PRUNED, SOFT, Context, Removal, State, Step,
-                                  check_float, check_int)
+from dpm_jax.pruning.base import (ACTIVE, DECAYING, PRUNED, PUSHED, SOFT, Context, Removal,
+                                  State, Step, check_float, check_int)
 
 __all__ = [
     "Hard",
@@ -58,6 +60,7 @@ __all__ = [
     "record_release",
     "Protective",
     "ProtectState",
+    "HalfSpace",
 ]
 
 _NEVER = np.iinfo(np.int32).min // 2
@@ -555,3 +558,59 @@ class Protective(Removal):
         released=state.released + pulse.astype(jnp.int32),
         released_at=jnp.where(pulse, step.count, state.released_at))
     return landed, status, state, pulse
+
+
+# ----------------------------------------------------------------------------------------
+# The half-space projection (OTOv2).
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfSpace(Removal):
+  """OTOv2's half-space projection (Chen et al. 2023, DHSPG): selected (redundant) channels
+  are ``PUSHED`` towards zero (``regularizers.HalfSpacePush`` adds ``lmbda * x / ||x||`` to
+  their gradients); each step, a pushed channel whose trial point ``x~`` (after the inner
+  optimizer's step) leaves the half-space, ``<x~, x> < eps * ||x||^2``, is removed by
+  ``then``: zeroed at once and held there (``Hard``: OTOv2), or from there decayed over
+  ``decay_steps`` (``SmoothPruning``: DPM's +SP replaces the projection's jump) and maybe
+  released (``SelfRectifying``: +SR). A pushed channel the projection has not removed by
+  the end is cut by ``finalize``.
+
+  Attributes:
+    eps: the half-space threshold (the reference: 0.9).
+    then: what removes a channel once projected.
+  """
+
+  eps: float = 0.9
+  then: Removal = Hard()
+
+  def __post_init__(self):
+    check_float("HalfSpace", "eps", self.eps, 0.0, 1.0, high_open=True)
+    if not isinstance(self.then, (Hard, SmoothPruning)) or getattr(self.then, "soft", False):
+      raise ValueError(f"HalfSpace: then={self.then!r} must be Hard, SmoothPruning or "
+                       "SelfRectifying (held, not soft).")
+
+  @property
+  def settle_steps(self) -> int:
+    return self.then.settle_steps
+
+  def init(self, ctx: Context, params: Any) -> State:
+    return self.then.init(ctx, params)
+
+  def candidates(self, ctx: Context, state: State, status: jax.Array,
+                 count: jax.Array) -> jax.Array:
+    return self.then.candidates(ctx, state, status, count)
+
+  def mark(self, ctx: Context, state: State, status: jax.Array, new: jax.Array,
+           params: Any) -> tuple[jax.Array, State]:
+    del ctx, params
+    return jnp.where(new, jnp.int8(PUSHED), status), state
+
+  def land(self, ctx: Context, state: State, status: jax.Array, step: Step, stepped: Any,
+           marked: jax.Array) -> tuple[Any, jax.Array, State, jax.Array]:
+    del marked
+    x_sq = channels.sq_norms(ctx.index, step.params)
+    trial = channels.inner(ctx.index, stepped, step.params)
+    projected = (status == PUSHED) & (trial < self.eps * x_sq)
+    status, state = self.then.mark(ctx, state, jnp.where(projected, jnp.int8(ACTIVE), status),
+                                   projected, step.params)
+    return self.then.land(ctx, state, status, step, stepped, projected)

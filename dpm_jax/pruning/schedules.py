@@ -2,7 +2,9 @@
 
 ``Iterative`` spreads ``num_events`` events evenly from ``start_step`` to ``end_step``, each a
 step down towards the target (one-shot when ``num_events == 1``: DepGraph, magnitude
-pruning); ``Interval`` selects afresh every ``interval`` steps at the target (SFP).
+pruning, OTOv2's partition); ``Interval`` selects afresh every ``interval`` steps at the
+target (SFP, PSAP); ``TickTock`` cuts a little at every tick until the target, with tocks
+in between (Gate Decorator).
 
 Example:
 
@@ -22,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpm_jax.pruning.base import Context, Schedule, State, check_int
+from dpm_jax.pruning.base import ACTIVE, Context, Schedule, State, check_float, check_int
 
-__all__ = ["Iterative", "Interval"]
+__all__ = ["Iterative", "Interval", "TickTock"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +119,70 @@ class Interval(Schedule):
         (since % self.interval == 0) | (count == self.end_step))
     target = jnp.where(since >= 0, jnp.float32(ctx.target_flops), jnp.float32(1.0))
     return event, target, state
+
+
+@dataclasses.dataclass(frozen=True)
+class TickTock(Schedule):
+  """Gate Decorator's tick-tock (You et al. 2019): from ``start_step``, ``ticks_per_tock``
+  ticks of ``tick_steps`` steps each, then a tock of ``tock_steps`` steps, repeated. Every
+  tick starts with an event that removes the least important channels worth
+  ``tick_fraction`` of the remaining FLOPs, until the target is met; ticks stop after
+  ``end_step``. During a tock a regularizer (``regularizers.GateL1``) trains the gates
+  towards sparsity (``in_tock``). Our reading: a tick's cut is a fraction of the remaining
+  FLOPs (the reference code removes a fraction of the remaining filters), so that every
+  tick costs the same share of what the target counts.
+
+  Attributes:
+    start_step: the step of the first tick.
+    end_step: no tick after this step.
+    tick_steps: steps of a tick (the reference: one epoch).
+    ticks_per_tock: ticks between two tocks (the reference: 10).
+    tock_steps: steps of a tock (the reference: 10 epochs); 0: no tocks.
+    tick_fraction: share of the remaining FLOPs each tick removes (the reference: 0.005 of
+      the filters).
+  """
+
+  start_step: int = 0
+  end_step: int = 0
+  tick_steps: int = 1
+  ticks_per_tock: int = 10
+  tock_steps: int = 0
+  tick_fraction: float = 0.005
+
+  def __post_init__(self):
+    check_int("TickTock", "start_step", self.start_step, 0)
+    check_int("TickTock", "end_step", self.end_step, self.start_step)
+    check_int("TickTock", "tick_steps", self.tick_steps, 1)
+    check_int("TickTock", "ticks_per_tock", self.ticks_per_tock, 1)
+    check_int("TickTock", "tock_steps", self.tock_steps, 0)
+    check_float("TickTock", "tick_fraction", self.tick_fraction, 0.0, 1.0, low_open=True,
+                high_open=True)
+
+  @property
+  def last_event(self) -> int:
+    return self.end_step
+
+  def _position(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    since = count - self.start_step
+    ticking = self.ticks_per_tock * self.tick_steps
+    return since, since % (ticking + self.tock_steps)
+
+  def in_tock(self, count: jax.Array) -> jax.Array:
+    """Whether step ``count`` is in a tock."""
+    since, pos = self._position(count)
+    return (since >= 0) & (pos >= self.ticks_per_tock * self.tick_steps)
+
+  def init(self, ctx: Context) -> jax.Array:
+    del ctx
+    return jnp.ones((), jnp.float32)  # the target in force: after the last tick
+
+  def event(self, ctx: Context, state: jax.Array, count: jax.Array,
+            status: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    since, pos = self._position(count)
+    tick = ((since >= 0) & (pos < self.ticks_per_tock * self.tick_steps)
+            & (pos % self.tick_steps == 0) & (count <= self.end_step))
+    now = ctx.macs(status == ACTIVE) / ctx.dense_macs
+    event = tick & (now > ctx.target_flops * (1 + 1e-6))
+    next_target = jnp.maximum(ctx.target_flops, now * (1 - self.tick_fraction))
+    target = jnp.where(event, next_target, state).astype(jnp.float32)
+    return event, target, target

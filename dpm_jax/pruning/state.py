@@ -35,8 +35,8 @@ class PruneState(NamedTuple):
 
   Attributes:
     count: optimizer steps taken (steps with non-finite gradients do not count).
-    status: one int8 array per group: ``ACTIVE`` (0), ``DECAYING`` (1), ``PRUNED`` (2) or
-      ``SOFT`` (3) per channel (see ``dpm_jax.pruning.base``).
+    status: one int8 array per group: ``ACTIVE`` (0), ``DECAYING`` (1), ``PRUNED`` (2),
+      ``SOFT`` (3) or ``PUSHED`` (4) per channel (see ``dpm_jax.pruning.base``).
     criterion: the criterion's state.
     allocation: the allocation's state.
     schedule: the schedule's state.
