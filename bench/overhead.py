@@ -15,7 +15,10 @@ repetition). The regimes, for every preset of ``dpm_jax.recipes.PRESETS``:
   history, the release test);
 - ``soft``: between two soft-pruning events (soft-pruned channels train freely: SFP);
 - ``protective``: between two PSAP events (zeroed channels train; their gradient history is
-  watched for pulses).
+  watched for pulses);
+- Gate Decorator's ``tick`` (Taylor scores accumulated every step, pruned channels held) and
+  ``tock`` (also L1 on the gates); OTOv2's ``pushed`` (redundant channels pushed, the
+  half-space test every step); DepGraph's ``sparse learning`` (group lasso every step).
 
 Target: paired ratio <= 1.05. The compile count of each pruning step over the whole
 measurement (events, decays and releases included) is printed too; it must be 1.
@@ -52,6 +55,11 @@ RECIPES = {
     "magnitude hard holding": _R.magnitude(0.5, "hard"),
     "sfp soft": _R.sfp(0.5, "soft", end_step=NEVER, interval=NEVER),
     "psap protective": _R.psap(0.5, end_step=NEVER, interval=NEVER),
+    "gate_decorator tick": _R.gate_decorator(0.5, tick_steps=NEVER, end_step=NEVER),
+    "gate_decorator tock": _R.gate_decorator(0.5, tick_steps=1, ticks_per_tock=1,
+                                             tock_steps=NEVER, end_step=NEVER),
+    "otov2 pushed": _R.otov2(0.5, eps=0.0),
+    "depgraph sparse learning": _R.depgraph(0.5, start_step=NEVER, sparse_learning=True),
 }
 
 

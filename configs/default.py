@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.weights_only = ml_collections.config_dict.placeholder(bool)
   pruning.decay_steps = 400  # DPM's N: optimizer steps a selected channel takes to reach zero.
   pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
-  pruning.len_threshold = 1.0  # ... and (logic) the relative gradient norm EMA exceeds this (T_len).
+  pruning.len_threshold = 1.0  # ... and (logic) the relative gradient-norm EMA this (T_len).
   pruning.logic = 'and'  # 'and' or 'or' of the two self-rectifying tests.
   pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs (SR, and PSAP's pulses).
   pruning.min_decay_steps = 10  # Decay steps before a channel may be released.

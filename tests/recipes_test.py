@@ -15,7 +15,7 @@ from dpm_jax.pruning.recipes import Recipe
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(criterion="taylor"), "criterion"),
+    (dict(criterion="hessian"), "criterion"),
     (dict(allocation="hessian"), "allocation"),
     (dict(removal="gradual"), "removal"),
     (dict(removal="dpm", logic="xor"), "logic"),
@@ -90,7 +90,9 @@ def test_an_option_no_part_takes_is_an_error_naming_what_they_take():
 def test_option_names_follow_the_chosen_parts():
   assert recipes.option_names("depgraph", removal="hard") == {
       "start_step", "end_step", "num_events", "min_channels", "min_fraction",
-      "flops_tolerance", "normalize"}
+      "flops_tolerance", "normalize", "sparse_learning", "reg", "alpha"}
+  # Parts inside parts: OTOv2's projection hands channels to the removal named.
+  assert {"eps", "lmbda", "decay_steps"} <= recipes.option_names("otov2", removal="dpm_sp")
   assert "weights_only" in recipes.option_names("depgraph", criterion="l2")
   dpm = recipes.option_names("depgraph", removal="dpm")
   assert {"decay_steps", "cooldown", "rate_threshold", "start_step"} <= dpm
@@ -266,7 +268,8 @@ def test_bad_psap_input_is_a_value_error_naming_it(kwargs, field):
 
 
 def test_registry_names_every_preset():
-  assert set(recipes.PRESETS) == {"depgraph", "magnitude", "sfp", "psap"}
+  assert set(recipes.PRESETS) == {"depgraph", "magnitude", "sfp", "psap", "gate_decorator",
+                                  "otov2"}
   for name, preset in recipes.PRESETS.items():
     assert isinstance(preset(), Recipe), name
 
