@@ -43,7 +43,8 @@ from train.loop import apply_model, cross_entropy_loss, split_model
 SHAPES = {"digits_cnn": (8, 8, 1), "resnet20": (32, 32, 3), "resnet56": (32, 32, 3)}
 NEVER = 10**8
 STATUS = {"active": dpm_jax.pruning.ACTIVE, "decaying": dpm_jax.pruning.DECAYING,
-          "pruned": dpm_jax.pruning.PRUNED, "soft": dpm_jax.pruning.SOFT}
+          "pruned": dpm_jax.pruning.PRUNED, "soft": dpm_jax.pruning.SOFT,
+          "pushed": dpm_jax.pruning.PUSHED}
 # Every preset, with every removal, in the regime it spends its steps in (the first event,
 # where there is one, is at step 0: measured steps are after it).
 _R = dpm_jax.recipes
