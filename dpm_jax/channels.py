@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,6 +137,25 @@ def abs_sums(index: ChannelIndex, tree: Any, roles: Sequence[str] = (PRODUCER,),
   return per_channel(index, tree, jnp.abs, roles, min_ndim)
 
 
+def _along(m: _MemberIndex, values: jax.Array, x: jax.Array, fill) -> jax.Array:
+  """``values`` (``[K]``) of member ``m``'s channels laid along its axis of leaf ``x``
+  (``fill`` at the entries no channel of ``m`` holds), shaped to broadcast against ``x``."""
+  v = values[m.start:m.start + len(m.indices)]
+  if m.whole_axis:
+    along = v
+  else:
+    along = jnp.full(x.shape[m.axis], fill, values.dtype)
+    along = along.at[m.indices.ravel()].set(jnp.repeat(v, m.indices.shape[1]))
+  shape = [1] * x.ndim
+  shape[m.axis] = -1
+  return along.reshape(shape)
+
+
+def _members(index: ChannelIndex, key_path, x, roles: Sequence[str], min_ndim: int):
+  return [m for m in index.members.get(path_str(key_path), ())
+          if m.role in roles and x.ndim >= min_ndim]
+
+
 def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
           roles: Sequence[str] = (PRODUCER,), min_ndim: int = 0) -> Any:
   """Multiplies every channel's member slices by ``factor[channel]`` (``[K]``).
@@ -145,18 +165,8 @@ def scale(index: ChannelIndex, tree: Any, factor: jax.Array,
   """
 
   def scale_leaf(key_path, x):
-    for m in index.members.get(path_str(key_path), ()):
-      if m.role not in roles or x.ndim < min_ndim:
-        continue
-      f = factor[m.start:m.start + len(m.indices)]
-      if m.whole_axis:
-        along = f
-      else:
-        along = jnp.ones(x.shape[m.axis], factor.dtype)
-        along = along.at[m.indices.ravel()].set(jnp.repeat(f, m.indices.shape[1]))
-      shape = [1] * x.ndim
-      shape[m.axis] = -1
-      x = x * along.reshape(shape).astype(x.dtype)
+    for m in _members(index, key_path, x, roles, min_ndim):
+      x = x * _along(m, factor, x, 1).astype(x.dtype)
     return x
 
   return jax.tree_util.tree_map_with_path(scale_leaf, tree)
@@ -171,18 +181,8 @@ def spread(index: ChannelIndex, tree: Any, values: jax.Array,
 
   def leaf(key_path, x):
     out = jnp.zeros(x.shape, jnp.float32)
-    for m in index.members.get(path_str(key_path), ()):
-      if m.role not in roles or x.ndim < min_ndim:
-        continue
-      v = values[m.start:m.start + len(m.indices)]
-      if m.whole_axis:
-        along = v
-      else:
-        along = jnp.zeros(x.shape[m.axis], jnp.float32)
-        along = along.at[m.indices.ravel()].add(jnp.repeat(v, m.indices.shape[1]))
-      shape = [1] * x.ndim
-      shape[m.axis] = -1
-      out = out + along.reshape(shape)
+    for m in _members(index, key_path, x, roles, min_ndim):
+      out = out + _along(m, values.astype(jnp.float32), x, 0)
     return out
 
   return jax.tree_util.tree_map_with_path(leaf, tree)
@@ -195,21 +195,8 @@ def where(index: ChannelIndex, take: jax.Array, on_true: Any, on_false: Any,
   not computed."""
 
   def pick(key_path, a, b):
-    mask = None
-    for m in index.members.get(path_str(key_path), ()):
-      if m.role not in roles:
-        continue
-      t = take[m.start:m.start + len(m.indices)]
-      if m.whole_axis:
-        along = t
-      else:
-        along = jnp.zeros(b.shape[m.axis], bool)
-        along = along.at[m.indices.ravel()].set(jnp.repeat(t, m.indices.shape[1]))
-      shape = [1] * b.ndim
-      shape[m.axis] = -1
-      along = along.reshape(shape)
-      mask = along if mask is None else mask | along
-    return b if mask is None else jnp.where(mask, a, b)
+    masks = [_along(m, take, b, False) for m in _members(index, key_path, b, roles, 0)]
+    return jnp.where(functools.reduce(jnp.logical_or, masks), a, b) if masks else b
 
   return jax.tree_util.tree_map_with_path(pick, on_true, on_false)
 
