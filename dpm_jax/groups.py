@@ -9,10 +9,18 @@ and flattening into a dense layer (a channel is a strided set of rows).
 
 The tracer reads ``jax.make_jaxpr`` of the forward pass in eval mode. Every index of every
 parameter axis gets a label; the rules below say which labels are the same channel (an edge)
-and which can never be pruned (an edge to the *fixed* label: channels that come from the
-model's inputs, reach its outputs, or are mixed by a reduction over the channel axis). The
-connected components of that graph are the channels; groups are the maximal runs of channels
-that every parameter axis holds contiguously and in the same order.
+and which can never be pruned (an edge to the *fixed* label). The connected components of that
+graph are the channels; groups are the maximal runs of channels that every parameter axis
+holds contiguously and in the same order.
+
+When in doubt the tracer fixes channels: a pruned model must compute what the masked one
+does, or the channel is not offered. Fixed are channels that come from the model's inputs or
+reach its outputs; that are mixed by a reduction over the channel axis; that meet an array
+built inside the model (``iota``, a closed-over constant), the output of an op frozen by
+``on_unknown='freeze'``, or a static slice or split; and channels contracted between two
+activations (attention's ``q.k`` and ``p.v``: the model may read the width back as
+``1/sqrt(d)``, and ``jax.nn.dot_product_attention`` needs equal widths). ``GroupSpec.fixed``
+and the spec's listing say, for every parameter axis, which of these kept it whole.
 
 Example:
 
@@ -47,6 +55,7 @@ __all__ = [
     "Term",
     "Dim",
     "Layer",
+    "Fixed",
     "PRODUCER",
     "CONSUMER",
     "STATISTIC",
@@ -133,6 +142,17 @@ class Dim(NamedTuple):
   terms: tuple[Term, ...]
 
 
+class Fixed(NamedTuple):
+  """``count`` of the ``size`` channels along ``axis`` of ``path`` cannot be pruned, for
+  ``reasons`` (see ``GroupSpec.fixed``)."""
+
+  path: Path
+  axis: int
+  count: int
+  size: int
+  reasons: tuple[str, ...]
+
+
 class Layer(NamedTuple):
   """A conv or contraction: ``macs = const * prod(kept entries of each dim)``."""
 
@@ -153,12 +173,17 @@ class GroupSpec:
     params: the paths of the trainable parameters among them (statistics excluded).
     layers: the convolutions and contractions of the forward pass with their channel
       dimensions, for counting MACs of any pruned configuration (``dpm_jax.flops``).
+    fixed: the parameter axes whose channels the tracer keeps whole, with the reasons
+      (they come from the input or reach the output, are mixed by a reduction, meet a
+      frozen op or an attention-like contraction, ...), so a user can see why a layer is
+      not offered for pruning.
   """
 
   groups: tuple[Group, ...]
   shapes: tuple[tuple[Path, tuple[int, ...]], ...] = ()
   params: tuple[Path, ...] = ()
   layers: tuple[Layer, ...] = ()
+  fixed: tuple[Fixed, ...] = ()
 
   @property
   def sizes(self) -> tuple[int, ...]:
@@ -222,6 +247,12 @@ class GroupSpec:
     for i, g in enumerate(self.groups):
       lines.append(f"{i:>4}  {g.size:>5}  {len(g.producers()):>9}  "
                    f"{len(g.consumers()):>9}  {g.name}")
+    if self.fixed:
+      lines.append("not prunable:")
+      for f in self.fixed:
+        part = "" if f.count == f.size else f"{f.count} of "
+        lines.append(f"  {'/'.join(f.path)} axis {f.axis} ({part}{f.size} channels): "
+                     + "; ".join(f.reasons))
     return "\n".join(lines)
 
   def describe(self) -> str:
@@ -257,6 +288,19 @@ def path_str(key_path: Sequence[Any]) -> Path:
 # The label graph.
 
 _FIXED = 0  # the label of everything that can never be pruned
+
+# Why channels are fixed, as ``GroupSpec.fixed`` lists them.
+FROM_INPUT = "comes from the model's input"
+TO_OUTPUT = "reaches the model's output"
+CONSTANT = "meets an array built inside the model, which surgery cannot slice"
+REDUCED = "mixed by a reduction over the channel axis (e.g. normalisation statistics)"
+CUMULATIVE = "mixed by a cumulative op along the channel axis"
+GROUPED = "a grouped convolution ties channels across its groups"
+RESHAPED = "split, or merged with another axis, by a reshape (e.g. into attention heads)"
+ATTENTION = ("contracted between two activations (attention-like): the model may read the "
+             "width back (1/sqrt(d)) or need equal widths (q, k, v); heads are not pruned yet")
+WINDOWED = "pooled or padded along the channel axis"
+SLICED = "sliced along the channel axis"
 Labels = tuple  # per axis: an int array of labels, or None when the axis carries no channels
 
 
@@ -267,6 +311,8 @@ class _Graph:
     self.count = 1  # label 0 is _FIXED
     self._a: list[np.ndarray] = []
     self._b: list[np.ndarray] = []
+    self.reasons: list[tuple[np.ndarray, str]] = []  # why labels were fixed, for the listing
+    self._opaque: list[tuple[int, int]] = []  # label ranges born fixed by ``opaque``
 
   def fresh(self, n: int) -> np.ndarray:
     out = np.arange(self.count, self.count + n)
@@ -279,14 +325,48 @@ class _Graph:
     self._a.append(np.asarray(a).ravel())
     self._b.append(np.broadcast_to(b, np.shape(a)).ravel())
 
-  def fix(self, a: np.ndarray | None) -> None:
+  def fix(self, a: np.ndarray | None, reason: str | None = None) -> None:
+    """Ties labels ``a`` to the fixed label; ``reason`` says why, for ``GroupSpec.fixed``."""
     if a is not None:
       self.tie(a, np.zeros((), int))
+      if reason is not None:
+        self.reasons.append((np.asarray(a).ravel(), reason))
 
-  def components(self) -> np.ndarray:
-    """``comp[label]``: the channel (component) of every label; ``comp[0]`` is fixed."""
+  def opaque(self, shape: Sequence[int], reason: str) -> Labels:
+    """Labels for a value whose entries no parameter channel can follow (fixed, with a
+    reason): a model input, a constant, the output of a frozen op."""
+    out = tuple(self.fresh(n) for n in shape)
+    for l in out:
+      self.fix(l, reason)
+      if len(l):
+        self._opaque.append((int(l[0]), int(l[-1]) + 1))
+    return out
+
+  def is_opaque(self, a: np.ndarray) -> bool:
+    """Whether every label of ``a`` was born fixed (carries no parameter's channel)."""
+    a = np.asarray(a)
+    if not self._opaque:
+      return bool(np.all(a == _FIXED))
+    starts, ends = map(np.asarray, zip(*self._opaque))
+    i = np.searchsorted(starts, a, side="right") - 1
+    inside = (i >= 0) & (a < ends[np.maximum(i, 0)])
+    return bool(np.all(inside | (a == _FIXED)))
+
+  def _edges(self) -> tuple[np.ndarray, np.ndarray]:
     a = np.concatenate(self._a) if self._a else np.zeros(0, int)
     b = np.concatenate(self._b) if self._b else np.zeros(0, int)
+    return a, b
+
+  def components(self, through_fixed: bool = True) -> np.ndarray:
+    """``comp[label]``: the channel (component) of every label; ``comp[0]`` is fixed.
+
+    With ``through_fixed=False`` the edges to the fixed label are left out, so that labels
+    fixed for different reasons stay apart (to say why a channel is fixed).
+    """
+    a, b = self._edges()
+    if not through_fixed:
+      keep = (a != _FIXED) & (b != _FIXED)
+      a, b = a[keep], b[keep]
     m = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(self.count, self.count))
     _, comp = connected_components(m, directed=False)
     return comp
@@ -311,6 +391,7 @@ class _Trace:
   is_param: Callable[[Path], bool]
   on_unknown: str = "error"
   use_order: dict[Path, int] = dataclasses.field(default_factory=dict)
+  splits: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 # Primitives whose output is an elementwise function of operands of the output's shape
@@ -392,13 +473,13 @@ def _conv(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
       tr.graph.fix(x_ch)
   elif groups == cin:
     # Depthwise: output channel j reads input channel j // multiplier.
-    tr.graph.fix(k_in)
+    tr.graph.fix(k_in, GROUPED)
     if x_ch is not None:
       tr.graph.tie(np.repeat(x_ch, cout // cin), k_out)
   else:
     # Grouped convs tie channels across groups; our reading keeps them whole (unprunable).
     for l in (x_ch, k_in, k_out):
-      tr.graph.fix(l)
+      tr.graph.fix(l, GROUPED)
   _record_role(tr, origins[1], rhs_spec[1], CONSUMER)
   _record_role(tr, origins[1], rhs_spec[0], PRODUCER)
   out: list[Any] = [None] * len(out_aval.shape)
@@ -492,8 +573,12 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
   out_shape = eqn.outvars[0].aval.shape
   out: list[Any] = [None] * len(out_shape)
   for bi, bo in _reshape_blocks(in_shape, out_shape):
-    labelled = [a for a in bi if x[a] is not None]
-    if not labelled:
+    if all(x[a] is None for a in bi):
+      continue  # uniform stays uniform
+    labelled = [a for a in bi if x[a] is not None and not tr.graph.is_opaque(x[a])]
+    if not labelled:  # positions only (spatial, batch): no channel to follow
+      for a in bo:
+        out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
       continue
     if len(bi) == 1 and len(bo) == 1:
       out[bo[0]] = x[bi[0]]
@@ -505,9 +590,12 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
       shape[k] = in_shape[labelled[0]]
       out[bo[0]] = (grid + x[labelled[0]].reshape(shape)).ravel()
     else:
-      # Splitting a channel axis, or merging two labelled axes: keep these channels whole.
+      # Splitting a channel axis, or merging two labelled axes: keep these channels whole,
+      # and the new axes opaque (fixed), so that nothing they meet can be pruned alone.
       for a in labelled:
-        tr.graph.fix(x[a])
+        tr.graph.fix(x[a], RESHAPED)
+      for a in bo:
+        out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
   return tuple(out)
 
 
@@ -528,12 +616,12 @@ def _rev(tr, eqn, ins, origins) -> Labels:
 def _reduction(tr, eqn, ins, origins) -> Labels:
   axes = set(eqn.params["axes"])
   for a in axes:
-    tr.graph.fix(ins[0][a])  # a reduction over channels mixes them: keep them whole
+    tr.graph.fix(ins[0][a], REDUCED)  # a reduction over channels mixes them: keep them whole
   return tuple(l for a, l in enumerate(ins[0]) if a not in axes)
 
 
 def _cumulative(tr, eqn, ins, origins) -> Labels:
-  tr.graph.fix(ins[0][eqn.params["axis"]])
+  tr.graph.fix(ins[0][eqn.params["axis"]], CUMULATIVE)
   return ins[0]
 
 
@@ -548,8 +636,8 @@ def _reduce_window(tr, eqn, ins, origins) -> Labels:
     if identity:
       out.append(labels)
     else:
-      tr.graph.fix(labels)
-      out.append(None)
+      tr.graph.fix(labels, WINDOWED)
+      out.append(tr.graph.opaque((eqn.outvars[0].aval.shape[a],), WINDOWED)[0])
   return tuple(out)
 
 
@@ -567,31 +655,45 @@ def _concatenate(tr, eqn, ins, origins) -> Labels:
 def _pad(tr, eqn, ins, origins) -> Labels:
   out = []
   for labels, (lo, hi, interior) in zip(ins[0], eqn.params["padding_config"]):
-    if labels is None or (lo, hi, interior) == (0, 0, 0):
+    if (lo, hi, interior) == (0, 0, 0):
       out.append(labels)
-    elif interior == 0 and lo >= 0 and hi >= 0:
+    elif labels is not None and interior == 0 and lo >= 0 and hi >= 0:
       out.append(np.concatenate([np.full(lo, _FIXED), labels, np.full(hi, _FIXED)]))
     else:
-      tr.graph.fix(labels)
-      out.append(None)
+      tr.graph.fix(labels, WINDOWED)
+      out.append(tr.graph.opaque((eqn.outvars[0].aval.shape[len(out)],), WINDOWED)[0])
   return tuple(out)
 
 
 def _slice(tr, eqn, ins, origins) -> Labels:
+  # Static bounds select channels by position: after pruning they would select others.
   p = eqn.params
   strides = p["strides"] or (1,) * len(ins[0])
-  return tuple(l if l is None else l[s:e:st] for l, s, e, st in
-               zip(ins[0], p["start_indices"], p["limit_indices"], strides))
+  out = []
+  for l, s, e, st in zip(ins[0], p["start_indices"], p["limit_indices"], strides):
+    if l is not None and (s, e, st) != (0, len(l), 1):
+      tr.graph.fix(l, SLICED)
+      l = tr.graph.opaque((len(range(s, e, st)),), SLICED)[0]
+    out.append(l)
+  return tuple(out)
 
 
 def _split(tr, eqn, ins, origins) -> list[Labels]:
-  axis, sizes = eqn.params["axis"], eqn.params["sizes"]
-  outs, start = [], 0
+  """Equal sections (``jnp.split(x, k)``, as in a GLU) follow their channels; whether pruning
+  keeps them equal is checked once the channels are known (``_check_splits``). Unequal
+  sections have static sizes that pruning would break: their channels are fixed."""
+  axis, sizes = eqn.params["axis"], [int(n) for n in eqn.params["sizes"]]
+  l = ins[0][axis]
+  if l is not None and len(set(sizes)) == 1:
+    starts = np.cumsum([0] + sizes[:-1])
+    sections = [l[s:s + n] for s, n in zip(starts, sizes)]
+    tr.splits.append(sections)
+    return [tuple(sec if a == axis else m for a, m in enumerate(ins[0])) for sec in sections]
+  tr.graph.fix(l, SLICED)
+  outs = []
   for n in sizes:
-    n = int(n)
-    outs.append(tuple(l if (l is None or a != axis) else l[start:start + n]
+    outs.append(tuple(l if (a != axis or l is None) else tr.graph.opaque((int(n),), SLICED)[0]
                       for a, l in enumerate(ins[0])))
-    start += n
   return outs
 
 
@@ -600,8 +702,8 @@ def _dynamic_slice(tr, eqn, ins, origins) -> Labels:
   out = []
   for a, (l, n) in enumerate(zip(ins[0], eqn.params["slice_sizes"])):
     if l is not None and n != shape[a]:
-      tr.graph.fix(l)
-      l = None
+      tr.graph.fix(l, SLICED)
+      l = tr.graph.opaque((n,), SLICED)[0]
     out.append(l)
   return tuple(out)
 
@@ -628,6 +730,14 @@ _RULES: dict[str, Callable[..., Any]] = {
 _RULES.update({name: _reduction for name in _REDUCTIONS})
 _RULES.update({name: _cumulative for name in _CUMULATIVE})
 
+# Ops that keep a value uniform along an axis (``None`` labels: the same at every index) when
+# every operand is; any other op on such operands may build a varying array (``iota``).
+_UNIFORM_KEEPING = _ELEMENTWISE | _REDUCTIONS | frozenset(
+    "broadcast_in_dim reshape transpose squeeze expand_dims rev slice".split())
+
+# Contractions: when both operands come from the model's inputs, their channels are fixed.
+_CONTRACTIONS = frozenset(("dot_general", "conv_general_dilated"))
+
 # Ops through which a parameter keeps its identity, so a conv or dense layer downstream still
 # knows which parameter axis it contracts (for member roles).
 _ORIGIN_KEEPING = frozenset("convert_element_type copy copy_p reduce_precision".split())
@@ -646,15 +756,22 @@ def _sub_jaxpr(eqn):
 
 
 def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
-               rules: Mapping[str, Callable[..., Any]]):
+               rules: Mapping[str, Callable[..., Any]], in_data: Sequence[bool]):
+  """Labels every value of ``jaxpr``; returns the outputs' labels, origins and data flags.
+
+  ``in_data`` says which inputs depend on the model's inputs (not only on parameters).
+  """
   env: dict[Any, Labels] = {}
   origin: dict[Any, Any] = {}
-  for v, labels, o in zip(jaxpr.invars, in_labels, in_origins):
+  data: set[Any] = set()
+  for v, labels, o, d in zip(jaxpr.invars, in_labels, in_origins, in_data):
     env[v] = labels
     if o is not None:
       origin[v] = o
+    if d:
+      data.add(v)
   for v in jaxpr.constvars:
-    env[v] = _none(v.aval)
+    env[v] = tr.graph.opaque(getattr(v.aval, "shape", ()), CONSTANT)
 
   def read(v) -> Labels:
     if isinstance(v, jcore.Literal):
@@ -664,12 +781,21 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
     origins = [None if isinstance(v, jcore.Literal) else origin.get(v) for v in eqn.invars]
+    on_data = [not isinstance(v, jcore.Literal) and v in data for v in eqn.invars]
+    if any(on_data):
+      data.update(eqn.outvars)
     name = eqn.primitive.name
     for o in origins:
       if o is not None:
         tr.use_order.setdefault(o[0], len(tr.use_order))
-    if not any(_is_labelled(l) for l in ins):
+    if name in _CONTRACTIONS and all(on_data[:2]):
+      for labels in ins[:2]:  # q.k or p.v: keep both operands' channels whole
+        for l in labels:
+          tr.graph.fix(l, ATTENTION)
+    if not any(_is_labelled(l) for l in ins) and name in _UNIFORM_KEEPING:
       outs = [_none(v.aval) for v in eqn.outvars]
+    elif not any(_is_labelled(l) for l in ins) and name not in _CALLS:
+      outs = [tr.graph.opaque(getattr(v.aval, "shape", ()), CONSTANT) for v in eqn.outvars]
     elif name in rules:
       res = rules[name](tr, eqn, ins, origins)
       outs = res if isinstance(res, list) else [res]
@@ -679,10 +805,12 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       if name in _ORIGIN_KEEPING and origins[0] is not None:
         origin[eqn.outvars[0]] = origins[0]
     elif name in _CALLS and (sub := _sub_jaxpr(eqn)) is not None:
-      outs, sub_origins = _propagate(tr, sub, ins, origins, rules)
-      for v, o in zip(eqn.outvars, sub_origins):
+      outs, sub_origins, sub_data = _propagate(tr, sub, ins, origins, rules, on_data)
+      for v, o, d in zip(eqn.outvars, sub_origins, sub_data):
         if o is not None:
           origin[v] = o
+        if not d:
+          data.discard(v)
     elif tr.on_unknown == "freeze":
       outs = _freeze_rule(tr, eqn, ins, origins)
       outs = outs if isinstance(outs, list) else [outs]
@@ -702,7 +830,8 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       path, amap = origins[0]
       origin[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
   return ([read(v) for v in jaxpr.outvars],
-          [None if isinstance(v, jcore.Literal) else origin.get(v) for v in jaxpr.outvars])
+          [None if isinstance(v, jcore.Literal) else origin.get(v) for v in jaxpr.outvars],
+          [not isinstance(v, jcore.Literal) and v in data for v in jaxpr.outvars])
 
 
 def _params_reaching(tr: _Trace, ins: list[Labels]) -> set[str]:
@@ -716,10 +845,12 @@ def _params_reaching(tr: _Trace, ins: list[Labels]) -> set[str]:
 
 
 def _freeze_rule(tr, eqn, ins, origins):
+  """Fixes every channel that reaches the op, and every channel that comes out of it."""
+  reason = f"passes through '{eqn.primitive.name}', frozen by on_unknown='freeze'"
   for labels in ins:
     for l in labels:
-      tr.graph.fix(l)
-  outs = [_none(v.aval) for v in eqn.outvars]
+      tr.graph.fix(l, reason)
+  outs = [tr.graph.opaque(getattr(v.aval, "shape", ()), reason) for v in eqn.outvars]
   return outs if len(outs) > 1 else outs[0]
 
 
@@ -836,10 +967,54 @@ def _layers(tr: _Trace, comp: np.ndarray, groups: list[Group]) -> tuple[Layer, .
   return tuple(layers)
 
 
-def _labels_for(graph: _Graph, shape, fixed: bool) -> Labels:
-  if fixed:
-    return tuple(np.full(n, _FIXED) for n in shape)
-  return tuple(graph.fresh(n) for n in shape)
+def _check_splits(tr: _Trace, comp: np.ndarray) -> bool:
+  """Fixes the channels of every equal split whose sections pruning could make unequal.
+
+  The model splits by a count (``jnp.split(x, 2)``) or by static sizes; both stay right
+  only when every channel has as many entries in each section. Returns whether any split
+  was fixed (the components must then be recomputed).
+  """
+  changed = False
+  for sections in tr.splits:
+    counts = [dict(zip(*np.unique(comp[sec], return_counts=True))) for sec in sections]
+    for c in counts:
+      c.pop(comp[_FIXED], None)
+    if any(c != counts[0] for c in counts[1:]):
+      for sec in sections:
+        tr.graph.fix(sec, SLICED)
+      changed = True
+  return changed
+
+
+def _fixed_reasons(tr: _Trace, comp: np.ndarray) -> tuple[Fixed, ...]:
+  """Every parameter axis with channels that cannot be pruned, and why.
+
+  A channel is fixed when its component reaches the fixed label; the reasons are those of
+  the fixes it reaches without passing through the fixed label. Axes fixed without a
+  recorded reason (a kernel's spatial axes) are not listed.
+  """
+  if not tr.graph.reasons:
+    return ()
+  local = tr.graph.components(through_fixed=False)
+  why: dict[int, list[str]] = {}
+  for labels, reason in tr.graph.reasons:
+    for c in np.unique(local[labels]).tolist():
+      if reason not in why.setdefault(c, []):
+        why[c].append(reason)
+  out = []
+  for path, labels in tr.param_labels.items():
+    if tr.statistic(path):
+      continue
+    for axis, l in enumerate(labels):
+      if l is None:
+        continue
+      fixed = comp[l] == comp[_FIXED]
+      reasons: list[str] = []
+      for c in np.unique(local[l[fixed]]).tolist():
+        reasons += [r for r in why.get(c, ()) if r not in reasons]
+      if reasons:
+        out.append(Fixed(path, axis, int(fixed.sum()), int(len(l)), tuple(reasons)))
+  return tuple(out)
 
 
 def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=None,
@@ -863,21 +1038,25 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=No
   for i, v in enumerate(jaxpr.invars):
     shape = v.aval.shape
     if i < n_vars:
-      labels = _labels_for(graph, shape, fixed=False)
+      labels = tuple(graph.fresh(n) for n in shape)
       if v in used:
         tr.param_labels[paths[i]] = labels
       in_origins.append((paths[i], tuple(range(len(shape)))))
     else:
-      labels = _labels_for(graph, shape, fixed=True)
+      labels = graph.opaque(shape, FROM_INPUT)
       in_origins.append(None)
     in_labels.append(labels)
-  outs, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules)
+  in_data = [i >= n_vars for i in range(len(jaxpr.invars))]
+  outs, _, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules, in_data)
   for labels in outs:
     for l in labels:
-      graph.fix(l)  # channels that reach the outputs are not prunable
+      graph.fix(l, TO_OUTPUT)  # channels that reach the outputs are not prunable
   shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
   comp = graph.components()
-  return _build_spec(tr, comp, shapes)
+  if _check_splits(tr, comp):
+    comp = graph.components()
+  spec = _build_spec(tr, comp, shapes)
+  return dataclasses.replace(spec, fixed=_fixed_reasons(tr, comp))
 
 
 def _used_vars(jaxpr) -> set:

@@ -437,7 +437,11 @@ def test_split_glu_ties_halves():
   np.testing.assert_array_equal(spec.groups[0].members[0].indices()[3], [3, 11])
 
 
-def test_split_into_separate_consumers():
+def test_split_at_static_positions_is_fixed_and_listed():
+  # The jaxpr holds the split point as a number: whether the model reads it from a shape
+  # that surgery updates (as here) or wrote it by hand (pruning channel 0 would then move
+  # channel 3 into ``a``) cannot be told, so the channels are fixed, and the listing says
+  # why. A user who knows better declares the groups by hand.
   v = {"w1": jnp.zeros((4, 8)), "wa": jnp.zeros((3, 2)), "wb": jnp.zeros((5, 2))}
 
   def f(v, x):
@@ -446,10 +450,29 @@ def test_split_into_separate_consumers():
     return a @ v["wa"] + b @ v["wb"]
 
   spec = dpm_jax.trace_groups_fn(f, v, jnp.zeros((2, 4)))
-  assert spec.groups == (
+  assert spec.groups == ()
+  assert "w1 axis 1 (8 channels): sliced" in str(spec)
+  declared = spec.with_groups(
       Group(3, (Member(("w1",), 1, 0, 3, PRODUCER), Member(("wa",), 0, 0, 3, CONSUMER))),
-      Group(5, (Member(("w1",), 1, 3, 5, PRODUCER), Member(("wb",), 0, 0, 5, CONSUMER))),
-  )
+      Group(5, (Member(("w1",), 1, 3, 5, PRODUCER), Member(("wb",), 0, 0, 5, CONSUMER))))
+  small = dpm_jax.remove_channels_fn(
+      v, declared, [np.array([True, False, True]), np.ones(5, bool)])
+  assert small["wa"].shape == (2, 2) and small["w1"].shape == (4, 7)
+
+
+def test_static_slice_after_prunable_channels_is_fixed():
+  # h[:, 2:4] with channel 0 pruned would read channels 3 and 4: silently wrong.
+  v = {"w1": jnp.zeros((4, 8)), "w2": jnp.zeros((2, 3)), "w3": jnp.zeros((8, 3))}
+
+  def f(v, x):
+    h = jax.nn.relu(x @ v["w1"])
+    return h[:, 2:4] @ v["w2"] + h @ v["w3"]
+
+  spec = dpm_jax.trace_groups_fn(f, v, jnp.zeros((2, 4)))
+  assert spec.groups == ()
+  # The whole axis is not a slice: channels stay prunable.
+  g = lambda v, x: jax.nn.relu(x @ v["w1"])[:, :] @ v["w3"]
+  assert dpm_jax.trace_groups_fn(g, v, jnp.zeros((2, 4))).sizes == (8,)
 
 
 def test_transpose_keeps_roles():
