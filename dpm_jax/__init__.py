@@ -19,6 +19,7 @@ from dpm_jax.groups import Member
 from dpm_jax.groups import UnsupportedPrimitiveError
 from dpm_jax.groups import trace_groups
 from dpm_jax.groups import trace_groups_fn
+from dpm_jax.surgery import SurgeryCheckError
 from dpm_jax.surgery import check_keep
 from dpm_jax.surgery import register_module_resizer
 from dpm_jax.surgery import remove_channels
@@ -59,6 +60,7 @@ __all__ = [
     "count_flops_fn",
     "models",
     "register_module_resizer",
+    "SurgeryCheckError",
     "remove_channels",
     "remove_channels_fn",
     "remove_channels_opt_state",

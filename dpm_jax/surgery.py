@@ -33,6 +33,7 @@ import optax
 from dpm_jax.groups import PRODUCER, GroupSpec, Path, path_str
 
 __all__ = [
+    "SurgeryCheckError",
     "check_keep",
     "kept_indices",
     "zero_channels",
@@ -43,12 +44,19 @@ __all__ = [
 ]
 
 
+DEFAULT_TOLERANCE = 1e-4
+
+
+class SurgeryCheckError(ValueError):
+  """The pruned model does not compute what the masked model computes on the sample input."""
+
+
 def check_keep(spec: GroupSpec, keep: Sequence[Any]) -> list[np.ndarray]:
   """Validates keep masks against ``spec``; returns them as numpy bool arrays.
 
   Raises:
-    ValueError: wrong number of masks, a mask of the wrong length, or one that keeps no
-      channel of its group (that would empty a layer).
+    ValueError: wrong number of masks, a mask that is not boolean or of the wrong length, or
+      one that keeps no channel of its group (that would empty a layer).
   """
   if len(keep) != len(spec.groups):
     raise ValueError(f"Expected {len(spec.groups)} keep masks (one per group of the spec), "
@@ -56,10 +64,14 @@ def check_keep(spec: GroupSpec, keep: Sequence[Any]) -> list[np.ndarray]:
   out = []
   for i, (g, k) in enumerate(zip(spec.groups, keep)):
     k = np.asarray(k)
+    if k.dtype != np.bool_:
+      raise ValueError(
+          f"Keep mask {i} (group {g.name}) has dtype {k.dtype}; keep masks are boolean, True "
+          "for every channel that stays. To keep channels by index, pass "
+          f"np.isin(np.arange({g.size}), indices).")
     if k.shape != (g.size,):
       raise ValueError(f"Keep mask {i} (group {g.name}) has shape {k.shape}; the group has "
                        f"{g.size} channels, so it must have shape ({g.size},).")
-    k = k.astype(bool)
     if not k.any():
       raise ValueError(f"Keep mask {i} (group {g.name}) keeps no channel: that would empty "
                        "the layer. Keep at least one channel per group.")
@@ -136,8 +148,58 @@ def _check_shape(path: Path, x, spec_shapes: dict) -> None:
                      "variables. Trace the spec from this model.")
 
 
+def _max_diff(a: Any, b: Any) -> tuple[float, float]:
+  """``(max |a - b|, max |b|)`` over the leaves of two output pytrees of the same structure."""
+  diff, scale = 0.0, 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape:
+      return float("inf"), 0.0
+    diff = max(diff, float(np.max(np.abs(x - y), initial=0.0)))
+    scale = max(scale, float(np.max(np.abs(y), initial=0.0)))
+  return diff, scale
+
+
+def _check_surgery(run_small: Callable[[Sequence[np.ndarray]], Any], reference: Any,
+                   spec: GroupSpec, keep: list[np.ndarray], tolerance: float) -> None:
+  """Raises ``SurgeryCheckError`` naming the groups whose removal changes the outputs.
+
+  ``run_small(keep)`` does surgery with ``keep`` and runs the small model on the sample;
+  ``reference`` is the masked model's output. Differences are relative to the outputs'
+  largest magnitude (at least 1).
+  """
+
+  def diff_of(k) -> tuple[float, str]:
+    try:
+      d, scale = _max_diff(run_small(k), reference)
+    except Exception as e:  # pylint: disable=broad-except
+      return float("inf"), f"{type(e).__name__}: {e}"
+    return d / max(1.0, scale), ""
+
+  total, error = diff_of(keep)
+  if total <= tolerance:
+    return
+  culprits = []
+  for i, (g, k) in enumerate(zip(spec.groups, keep)):
+    if k.all():
+      continue
+    one = [k if j == i else np.ones_like(kk) for j, kk in enumerate(keep)]
+    d, e = diff_of(one)
+    if d > tolerance:
+      culprits.append(f"group {i} ({g.name}): " + (e or f"difference {d:.3g}"))
+  what = error or f"the outputs differ by {total:.3g} (relative), above {tolerance:g}"
+  named = ("; ".join(culprits) if culprits else
+           "no single group alone; the groups together")
+  raise SurgeryCheckError(
+      f"Surgery is not exact on the sample input: {what}. Removing channels of {named}. "
+      "The tracer offered channels whose removal changes the model: exclude those groups "
+      "with spec.without(path) and report the model, or check that the removed channels' "
+      "producers are zero (dpm_jax.zero_channels) if you compare with the unmasked model.")
+
+
 def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
-                       prefix: Path = ()) -> Any:
+                       prefix: Path = (), apply_fn: Callable[..., Any] | None = None,
+                       sample: Any = None, tolerance: float = DEFAULT_TOLERANCE) -> Any:
   """Slices the removed channels out of a variables pytree (pure; Linen or NNX pure dicts).
 
   Args:
@@ -147,6 +209,11 @@ def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
     keep: one boolean mask per group, ``True`` for channels that stay.
     prefix: prepended to each leaf path before it is looked up in the spec (e.g.
       ``('params',)`` for a params-only tree of a Linen model traced with all collections).
+    apply_fn: with ``sample``, checks the surgery: ``apply_fn(variables, sample)`` (the
+      masked variables, ``zero_channels`` applied) and ``apply_fn(sliced, sample)`` must agree
+      within ``tolerance`` times the outputs' largest magnitude (at least 1).
+    sample: an input for the check (one positional argument of ``apply_fn``).
+    tolerance: the relative difference the check allows.
 
   Returns:
     The same tree structure with smaller leaves.
@@ -154,7 +221,35 @@ def remove_channels_fn(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
   Raises:
     ValueError: bad keep masks, or a leaf the spec was not traced with (another model, or a
       sub-tree without its ``prefix``) or of another shape.
+    SurgeryCheckError: the check failed; the message names the groups at fault.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import dpm_jax
+    >>> def mlp(v, x):
+    ...   return jax.nn.relu(x @ v['w1']) @ v['w2']
+    >>> v = {'w1': jnp.ones((4, 8)), 'w2': jnp.ones((8, 3))}
+    >>> spec = dpm_jax.trace_groups_fn(mlp, v, jnp.zeros((1, 4)))
+    >>> keep = [np.arange(8) < 6]
+    >>> small = dpm_jax.remove_channels_fn(v, spec, keep, apply_fn=mlp,
+    ...                                    sample=jnp.ones((2, 4)))
+    >>> small['w1'].shape
+    (4, 6)
   """
+  keep = check_keep(spec, keep)
+  small = _slice_variables(variables, spec, keep, prefix)
+  if sample is not None:
+    if apply_fn is None:
+      raise ValueError("remove_channels_fn checks surgery on sample with apply_fn: pass "
+                       "apply_fn=fn, where fn(variables, sample) runs the model.")
+    masked = zero_channels(variables, spec, keep, prefix=prefix)
+    _check_surgery(lambda k: apply_fn(_slice_variables(variables, spec, k, prefix), sample),
+                   apply_fn(masked, sample), spec, keep, tolerance)
+  return small
+
+
+def _slice_variables(variables: Any, spec: GroupSpec, keep: Sequence[np.ndarray],
+                     prefix: Path) -> Any:
   indices = kept_indices(spec, keep)
   by_path: dict[Path, dict[int, np.ndarray]] = {}
   for (path, axis), idx in indices.items():
@@ -202,6 +297,10 @@ def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
 
   Statistics and consumer slices are left alone: with its producers at zero a removed channel
   outputs zero, so the consumers' slices no longer matter and surgery is exact.
+
+  Raises:
+    ValueError: bad keep masks, or a leaf the spec was not traced with or of another shape
+      (a spec traced from another model would zero the wrong channels).
   """
   keep = check_keep(spec, keep)
   zero: dict[Path, list[tuple[int, np.ndarray]]] = {}
@@ -212,8 +311,11 @@ def zero_channels(variables: Any, spec: GroupSpec, keep: Sequence[Any], *,
       if m.role == PRODUCER:
         zero.setdefault(m.path, []).append((m.axis, m.indices()[~k].ravel()))
 
+  shapes = dict(spec.shapes)
+
   def zero_leaf(key_path, x):
     path = tuple(prefix) + _leaf_path(key_path)
+    _check_shape(path, x, shapes)
     return _zero(x, zero[path]) if path in zero else x
 
   return jax.tree_util.tree_map_with_path(zero_leaf, variables)
@@ -261,18 +363,48 @@ def _default_resizers() -> dict[type, Callable[[Any], None]]:
           nnx.LayerNorm: _resize_norm, nnx.RMSNorm: _resize_norm}
 
 
-def remove_channels(model, spec: GroupSpec, keep: Sequence[Any]):
+def _eval_copy(model):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  copy = nnx.merge(*nnx.split(model))
+  copy.eval()
+  return copy
+
+
+def remove_channels(model, spec: GroupSpec, keep: Sequence[Any], *, sample: Any = None,
+                    tolerance: float = DEFAULT_TOLERANCE):
   """A new, smaller NNX module without the removed channels (the input is not changed).
 
   Every array a group touches is sliced and every layer's feature counts (``in_features``,
   ``out_features``, ``kernel_shape``, ``feature_group_count``, ``num_features``) are updated, so
   a zoo model's ``arch()`` describes the new widths and ``models.from_arch`` rebuilds it.
 
+  With ``sample`` (one input of the model), surgery is checked: in eval mode, the small
+  model and the masked one (``model`` with the removed channels' producers at zero) must
+  agree on it within ``tolerance`` times the outputs' largest magnitude (at least 1).
+  Pass one whenever you can: it turns a model the tracer misread into an error that names
+  the group, instead of a wrong model.
+
   Raises:
     ValueError: bad keep masks, or a spec that was not traced from this model.
     TypeError: a sliced array belongs to a module type whose feature counts we cannot update
       (register one with ``register_module_resizer``).
+    SurgeryCheckError: the check on ``sample`` failed; the message names the groups.
   """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  keep = check_keep(spec, keep)
+  small = _remove_channels(model, spec, keep)
+  if sample is not None:
+    graphdef, state = nnx.split(model)
+    pure = zero_channels(nnx.to_pure_dict(state), spec, keep)
+    nnx.replace_by_pure_dict(state, pure)
+    masked = _eval_copy(nnx.merge(graphdef, state))
+    _check_surgery(lambda k: _eval_copy(_remove_channels(masked, spec, k))(sample),
+                   masked(sample), spec, keep, tolerance)
+  return small
+
+
+def _remove_channels(model, spec: GroupSpec, keep: list[np.ndarray]):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   graphdef, state = nnx.split(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import inspect
 
 import jax.numpy as jnp
 import pytest
@@ -278,3 +279,55 @@ def test_docstring_examples():
   for module in (recipes, schedules):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def _option_defaults(method: str, removal: str | None) -> dict[str, object]:
+  """Every option of ``method`` with its declared default (fields of its parts, keywords)."""
+  kw = {"removal": removal} if removal else {}
+  recipe = recipes.PRESETS[method](target_flops=0.5, **kw)
+  out: dict[str, object] = {}
+  todo = [recipe.criterion, recipe.allocation, recipe.schedule, recipe.removal,
+          recipe.regularizer]
+  while todo:
+    part = todo.pop()
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+      for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        if dataclasses.is_dataclass(value):
+          todo.append(value)
+        else:
+          out.setdefault(f.name, f.default if f.default is None else value)
+  for name, p in inspect.signature(recipes.PRESETS[method]).parameters.items():
+    if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
+      out.setdefault(name, p.default)
+  return out
+
+
+def _wrong_values(default: object) -> list[object]:
+  if default is None:
+    return ["3", 2.5]
+  if isinstance(default, bool):
+    return ["yes", 1]
+  if isinstance(default, int):
+    return ["500", 10.5, None]
+  if isinstance(default, float):
+    return ["0.5", None]
+  if isinstance(default, str):
+    return ["no_such_choice", 3]
+  if isinstance(default, tuple):
+    return ["scale", ()]
+  raise AssertionError(f"no wrong values for {default!r}")
+
+
+@pytest.mark.parametrize("method,removal", [
+    (m, r) for m in sorted(recipes.PRESETS) for r in (None, "soft" if m == "psap" else "dpm")])
+def test_every_option_is_type_checked_by_name(method, removal):
+  # decay_steps="500" once failed deep inside without naming the field; 10.5 and
+  # num_events=2.5 were accepted.
+  kw = {"removal": removal} if removal else {}
+  names = recipes.option_names(method, **kw)
+  defaults = _option_defaults(method, removal)
+  for name in sorted(names):
+    for value in _wrong_values(defaults[name]):
+      with pytest.raises(ValueError, match=rf"\b{name}="):
+        recipes.PRESETS[method](target_flops=0.5, **kw, **{name: value})

@@ -10,10 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import dpm_jax
+from dpm_jax.groups import PRODUCER, Group, Member
 
 
 def _paths(spec: dpm_jax.GroupSpec) -> set[str]:
@@ -133,3 +135,70 @@ def test_array_built_inside_the_model_fixes_what_it_meets():
   # A scalar or a broadcast constant does not vary along the channels: still prunable.
   g = lambda v, x: jax.nn.relu(x @ v["w1"] + jnp.full((8,), 0.5)) @ v["w2"]
   assert dpm_jax.trace_groups_fn(g, v, jnp.zeros((2, 4))).sizes == (8,)
+
+
+def _mlp():
+  def f(v, x):
+    return jax.nn.relu(x @ v["w1"] + v["b1"]) @ v["w2"]
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  v = {"w1": jax.random.normal(keys[0], (4, 8)), "b1": jax.random.normal(keys[1], (8,)),
+       "w2": jax.random.normal(keys[2], (8, 3))}
+  return f, v, dpm_jax.trace_groups_fn(f, v, jnp.zeros((1, 4)))
+
+
+def test_integer_keep_masks_are_refused():
+  # np.arange(n) as a mask once kept every channel but channel 0.
+  _, v, spec = _mlp()
+  for fn in (dpm_jax.remove_channels_fn, dpm_jax.zero_channels):
+    with pytest.raises(ValueError, match="dtype int64; keep masks are boolean"):
+      fn(v, spec, [np.arange(8)])
+
+
+def test_zero_channels_checks_the_spec_against_the_variables():
+  _, v, spec = _mlp()
+  other = {"w1": jnp.ones((4, 6)), "b1": jnp.ones(6), "w2": jnp.ones((6, 3))}
+  keep = [np.arange(8) < 4]
+  with pytest.raises(ValueError, match=r"b1 has shape \(6,\) but the spec was traced with"):
+    dpm_jax.zero_channels(other, spec, keep)
+
+
+def test_finalize_checks_the_spec_against_the_params():
+  _, v, spec = _mlp()
+  tx = dpm_jax.prune(optax.sgd(0.1), spec, dpm_jax.recipes.depgraph(target_flops=0.5))
+  opt_state = tx.init(v)
+  _, _, other = _mlp()
+  other_params = {"w1": jnp.ones((4, 8)), "b1": jnp.ones(8), "w2": jnp.ones((8, 5))}
+  with pytest.raises(ValueError, match="w2 has shape"):
+    dpm_jax.finalize(other_params, opt_state, spec)
+
+
+def test_surgery_check_names_the_group_that_is_not_exact():
+  f, v, spec = _mlp()
+  x = jax.random.normal(jax.random.key(5), (3, 4))
+  keep = [np.arange(8) % 2 == 0]
+  small = dpm_jax.remove_channels_fn(v, spec, keep, apply_fn=f, sample=x)
+  assert small["w1"].shape == (4, 4)
+
+  # A group declared by hand that the model does not allow: the bias alone.
+  bad = dpm_jax.GroupSpec((), spec.shapes, spec.params, spec.layers).with_groups(
+      Group(8, (Member(("b1",), 0, 0, 8, PRODUCER),)))
+  with pytest.raises(dpm_jax.SurgeryCheckError, match=r"group 0 \(b1\)"):
+    dpm_jax.remove_channels_fn(v, bad, keep, apply_fn=f, sample=x)
+  # Without a sample nothing is checked, as before.
+  dpm_jax.remove_channels_fn(v, bad, keep)
+
+
+def test_surgery_check_on_an_nnx_model():
+  model = _Attention(fused=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  spec = dpm_jax.trace_groups(model, x)
+  keep = [np.arange(24) < 20]
+  assert dpm_jax.remove_channels(model, spec, keep, sample=x).up.out_features == 20
+  # The q/k channels the tracer used to offer, declared by hand: the check refuses them.
+  qk = Group(16, (Member(("q", "kernel"), 1, 0, 16, PRODUCER),
+                  Member(("q", "bias"), 0, 0, 16, PRODUCER),
+                  Member(("k", "kernel"), 1, 0, 16, PRODUCER),
+                  Member(("k", "bias"), 0, 0, 16, PRODUCER)))
+  with pytest.raises(dpm_jax.SurgeryCheckError, match=r"group 1 \(q/kernel\)"):
+    dpm_jax.remove_channels(model, spec.with_groups(qk), keep + [np.arange(16) < 12], sample=x)

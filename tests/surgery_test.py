@@ -585,6 +585,10 @@ def test_bad_keep_masks():
       ([good[0], np.ones((6, 1), bool), good[2]], r"must have shape \(6,\)"),
       ([good[0], good[1], np.zeros(5, bool)],
        r"Keep mask 2 \(group dense/0/kernel\) keeps no channel"),
+      # Indices or 0/1 integers are not masks: np.arange(n) would drop channel 0.
+      ([np.arange(4), good[1], good[2]],
+       r"Keep mask 0 \(group convs/0/conv/kernel\) has dtype int64; keep masks are boolean"),
+      ([good[0], good[1], np.ones(5, int)], r"Keep mask 2 .* has dtype int64"),
   ]
   pure = nnx.to_pure_dict(nnx.state(model))
   for keep, message in cases:
@@ -594,9 +598,8 @@ def test_bad_keep_masks():
                lambda k: dpm_jax.spec_cost(spec, k)):
       with pytest.raises(ValueError, match=message):
         fn(keep)
-  # Integer 0/1 masks are fine.
-  small = dpm_jax.remove_channels(model, spec, [np.array([1, 0, 1, 0]), np.ones(6, int),
-                                                np.ones(5, int)])
+  small = dpm_jax.remove_channels(model, spec, [np.array([True, False, True, False]),
+                                                good[1], good[2]])
   assert small.convs[0].conv.out_features == 2
 
 

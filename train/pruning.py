@@ -182,10 +182,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
   # Finalize (every selected channel exactly zero), then surgery.
   params, keep = dpm_jax.finalize(pruned.params, pruned.opt_state, spec)
   full = _model(graphdefs.eval, params, pruned.batch_stats)
-  small = dpm_jax.remove_channels(full, spec, keep)
+  x = jnp.asarray(sample["image"])
+  small = dpm_jax.remove_channels(full, spec, keep, sample=x)  # raises unless exact
   small.eval()
-  surgery_diff = float(jnp.max(jnp.abs(full(jnp.asarray(sample["image"]))
-                                       - small(jnp.asarray(sample["image"])))))
+  surgery_diff = float(jnp.max(jnp.abs(full(x) - small(x))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
   small_graphdefs, small_params, small_stats = loop.split_model(small)

@@ -69,6 +69,7 @@ __all__ = [
     "Regularizer",
     "check_int",
     "check_float",
+    "check_names",
 ]
 
 # Channel status.
@@ -305,3 +306,13 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, *,
   if too_low or too_high or value != value:
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{owner}: {name}={value!r} must be in {interval}.")
+
+
+def check_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
+  """``value`` as a tuple of strings; raises ``ValueError`` unless it is a non-empty
+  sequence of strings (a bare string would be read letter by letter)."""
+  if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value or not all(
+      isinstance(v, str) for v in value):
+    raise ValueError(f"{owner}: {name}={value!r} must be a non-empty tuple of names, e.g. "
+                     "('scale',).")
+  return tuple(value)

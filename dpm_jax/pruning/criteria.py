@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dpm_jax import channels
 from dpm_jax.groups import CONSUMER, PRODUCER
-from dpm_jax.pruning.base import Context, Criterion, State, Step, check_float
+from dpm_jax.pruning.base import Context, Criterion, State, Step, check_float, check_names
 
 __all__ = ["L1", "L2", "GroupL2", "Taylor", "Saliency"]
 
@@ -100,6 +100,9 @@ class Taylor(Criterion):
   """
 
   gate_names: tuple[str, ...] = ("scale",)
+
+  def __post_init__(self):
+    object.__setattr__(self, "gate_names", check_names("Taylor", "gate_names", self.gate_names))
 
   def init(self, ctx: Context, params: Any) -> jax.Array:
     del params

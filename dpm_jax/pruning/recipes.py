@@ -36,7 +36,8 @@ from dpm_jax.pruning import criteria
 from dpm_jax.pruning import regularizers
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
-from dpm_jax.pruning.base import Allocation, Criterion, Regularizer, Removal, Schedule
+from dpm_jax.pruning.base import (Allocation, Criterion, Regularizer, Removal, Schedule,
+                                  check_float, check_int)
 
 __all__ = [
     "Recipe",
@@ -187,13 +188,23 @@ def depgraph(target_flops: float = 0.5, removal: str | Removal = "hard", *,
   ``sparse_learning=True`` adds DepGraph's sparse learning (``regularizers.GroupLasso`` with
   ``reg`` and ``alpha``) for the whole prune phase: the steps before ``start_step`` are its
   sparse-training phase, and it keeps pushing during the pruning."""
+  if not isinstance(sparse_learning, bool):
+    raise ValueError(f"Invalid pruning recipe: depgraph(sparse_learning={sparse_learning!r}) "
+                     "must be a bool.")
+  check_float("depgraph", "reg", reg, 0.0, float("inf"))
+  check_float("depgraph", "alpha", alpha, 1.0, float("inf"))
+  for name in ("start_step", "end_step"):
+    if options.get(name) is not None:
+      check_int("depgraph", name, options[name], 0)
   if sparse_learning:
     if regularizer is not None:
       raise ValueError("Invalid pruning recipe: depgraph(sparse_learning=True) is a "
                        "regularizer of its own; pass one or the other.")
     regularizer = regularizers.GroupLasso(reg=reg, alpha=alpha)
   if "num_events" not in options:
-    options["num_events"] = 5 if options.get("end_step", 0) > options.get("start_step", 0) else 1
+    start = options.get("start_step") or 0
+    end = options.get("end_step") or start
+    options["num_events"] = 5 if end > start else 1
   return make("depgraph", target_flops, criterion=criterion, allocation=allocation,
               schedule=schedules.Iterative, removal=removal, regularizer=regularizer, **options)
 
@@ -276,14 +287,18 @@ def gate_decorator(target_flops: float = 0.5, removal: str | Removal = "hard", *
   below ``min_fraction`` (the reference: 0.1) of its channels; every ``ticks_per_tock``
   ticks a tock of ``tock_steps`` trains with ``gate_l1`` times L1 on the gates
   (``regularizers.GateL1``). ``removal='dpm_sp'|'dpm'`` gives DPM's +SP / +SR."""
+  check_float("gate_decorator", "gate_l1", gate_l1, 0.0, float("inf"))
   if isinstance(allocation, str):
     options.setdefault("normalize", False)
     options.setdefault("min_fraction", 0.1)
   schedule = schedules.TickTock(**{k: options.pop(k) for k in list(options)
                                    if k in _fields(schedules.TickTock)})
+  # The tocks' L1 acts on the gates the criterion scores.
+  gates = {"gate_names": options["gate_names"]} if "gate_names" in options else {}
   return make("gate_decorator", target_flops, criterion=criterion, allocation=allocation,
               schedule=schedule, removal=removal,
-              regularizer=regularizers.GateL1(strength=gate_l1, schedule=schedule), **options)
+              regularizer=regularizers.GateL1(strength=gate_l1, schedule=schedule, **gates),
+              **options)
 
 
 def otov2(target_flops: float = 0.5, removal: str | Removal = "hard", *,

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from dpm_jax import channels
 from dpm_jax.groups import CONSUMER, PRODUCER
-from dpm_jax.pruning.base import PUSHED, Context, Regularizer, Schedule, State, check_float
+from dpm_jax.pruning.base import (PUSHED, Context, Regularizer, Schedule, State, check_float,
+                                  check_names)
 
 __all__ = ["GroupLasso", "GateL1", "HalfSpacePush", "group_lasso_strength", "gate_index"]
 
@@ -101,6 +102,7 @@ class GateL1(Regularizer):
 
   def __post_init__(self):
     check_float("GateL1", "strength", self.strength, 0.0, float("inf"))
+    object.__setattr__(self, "gate_names", check_names("GateL1", "gate_names", self.gate_names))
     if self.schedule is None or not callable(getattr(self.schedule, "in_tock", None)):
       raise ValueError("GateL1: schedule must be the recipe's TickTock schedule (it says when "
                        "a tock trains with the penalty).")
