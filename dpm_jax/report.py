@@ -44,8 +44,13 @@ class Trajectories:
     self.released_at = np.asarray(released_at)
 
   def save(self, path: str | os.PathLike[str]) -> None:
-    np.savez(path, steps=self.steps, norms=self.norms, status=self.status,
-             released=self.released, released_at=self.released_at)
+    """Writes an ``.npz`` at ``path`` through a temporary file: a killed writer leaves the
+    previous file whole."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as f:
+      np.savez(f, steps=self.steps, norms=self.norms, status=self.status,
+               released=self.released, released_at=self.released_at)
+    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> Trajectories:

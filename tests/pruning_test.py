@@ -2,9 +2,13 @@
 
 import json
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import digits_dpm
 from configs import digits_psap_scratch
@@ -13,6 +17,7 @@ from dpm_jax import data
 from dpm_jax.pruning import criteria
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
+from train import loop
 from train import pruning
 from train import train
 
@@ -73,6 +78,99 @@ def test_finished_run_resumes_to_the_same_result(tmp_path):
   assert again['test_accuracy'] == first['test_accuracy']
 
 
+# A tiny run on mock digits: 4 steps per epoch; pretrain 8 steps, prune 16, fine-tune 8.
+MOCK_EXAMPLES = 64
+TINY_STEPS = {'pretrain': 8, 'prune': 16, 'finetune': 8}
+
+
+def _tiny_config() -> ml_collections.ConfigDict:
+  config = digits_dpm.get_config()
+  config.model_kwargs = ml_collections.ConfigDict({'conv_widths': (4, 8), 'dense_widths': (16,)})
+  config.update(batch_size=16, eval_batch_size=MOCK_EXAMPLES, num_epochs=2, log_every_steps=3,
+                progress_bar=False)
+  config.pruning.update(epochs=4.0, end_epoch=2.0, num_events=3, decay_steps=3,
+                        min_decay_steps=1, cooldown=3, record_every_steps=1,
+                        finetune_epochs=2.0)
+  return config
+
+
+class _Killed(Exception):
+  """Stands for a kill -9 right after a step: nothing after it is written."""
+
+
+def _kill_after(monkeypatch, phase: str, step: int) -> None:
+  """Makes the run stop in `phase` right after its step `step`."""
+  train_phase = loop.train_phase
+
+  def killed_train_phase(name, state, **kwargs):
+    if name == phase:
+      callback = kwargs.get('step_callback')
+
+      def step_callback(done, state):
+        if callback is not None:
+          callback(done, state)
+        if done == step:
+          raise _Killed(f'{phase} step {step}')
+
+      kwargs['step_callback'] = step_callback
+    return train_phase(name, state, **kwargs)
+
+  monkeypatch.setattr(loop, 'train_phase', killed_train_phase)
+
+
+def _outputs(workdir) -> dict:
+  """What a run leaves: result.json, metrics.jsonl without wall times, the trajectories."""
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  with np.load(workdir / 'prune' / pruning.TRAJECTORIES) as traj:
+    trajectories = {k: traj[k].tolist() for k in traj.files}
+  return {
+      'result': json.loads((workdir / 'result.json').read_text()),
+      'metrics': [{k: v for k, v in r.items() if k != 'time'} for r in records],
+      'trajectories': trajectories,
+  }
+
+
+@pytest.fixture
+def compile_once(tmp_path):
+  """A persistent compilation cache for this test: a run started again does not compile
+  the pruning step again (it takes seconds)."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.mark.usefixtures('compile_once')
+def test_run_killed_in_each_phase_resumes_to_the_uninterrupted_outputs(tmp_path, monkeypatch):
+  config = _tiny_config()
+  # A step of each phase after its first checkpoint (epoch 1: step 4), so that resuming
+  # drops what was written after a checkpoint; seeded, so the test is deterministic.
+  rng = np.random.default_rng(0)
+  kills = {phase: int(rng.integers(5, n + 1)) for phase, n in TINY_STEPS.items()}
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    train.train_and_evaluate(config, tmp_path / 'uninterrupted')
+    expected = _outputs(tmp_path / 'uninterrupted')
+    workdir = tmp_path / 'resumed'
+    for phase, step in kills.items():
+      with monkeypatch.context() as m:
+        _kill_after(m, phase, step)
+        with pytest.raises(_Killed):
+          train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
+    assert _outputs(workdir) == expected, kills
+    train.train_and_evaluate(config, workdir)  # Finished: started again, it only evaluates.
+    assert _outputs(workdir) == expected, kills
+  assert expected['trajectories']['steps'] == list(range(1, 17))
+  assert [r['phase'] for r in expected['metrics']].count('result') == 1
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(epochs=1.0), 'too short'),
     (dict(method='otov9'), 'config.pruning.method'),
@@ -131,5 +229,5 @@ def test_psap_from_scratch_needs_no_pretraining(tmp_path):
 def test_pruning_from_scratch_only_with_pruning(tmp_path):
   config = digits_psap_scratch.get_config()
   config.pruning.enabled = False
-  with pytest.raises(ValueError, match='num_epochs must be positive.*pruning from scratch'):
+  with pytest.raises(ValueError, match='num_epochs=0 must be positive.*pruning from scratch'):
     train.train_and_evaluate(config, tmp_path / 'run')

@@ -1,6 +1,7 @@
 """Tests of the training program: pure steps, optimizer, phase loop, resume, command line."""
 
 import json
+import math
 import shutil
 import sys
 
@@ -63,7 +64,7 @@ def _assert_trees_equal(actual, expected) -> None:
 
 @pytest.fixture(scope='module')
 def mock_run(tmp_path_factory):
-  """One `train_and_evaluate` of the test config on mock CIFAR-10 (random images)."""
+  """One `train_and_evaluate` of the test config on mock digits (random images)."""
   workdir = tmp_path_factory.mktemp('mock_run')
   # No augmentation and 6 epochs over the same 24 images: the loss must fall.
   config = _config(augment=False, num_epochs=6)
@@ -83,7 +84,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   state = loop.create_train_state(params, batch_stats, tx)
   rng = np.random.default_rng(0)
   batch = {
-      'image': rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+      'image': rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
       'label': rng.integers(0, 10, 8).astype(np.int32),
   }
   step_fn = loop.make_train_step(graphdefs.train, tx)
@@ -105,7 +106,7 @@ def test_eval_step_ignores_padding_rows():
   graphdefs, params, batch_stats = loop.split_model(_model(_config()))
   eval_fn = loop.make_eval_step(graphdefs.eval)
   rng = np.random.default_rng(0)
-  images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
+  images = rng.normal(size=(6, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 6).astype(np.int32)
   real = {'image': images[:4], 'label': labels[:4], 'mask': np.ones(4, np.float32)}
   padded = {'image': images, 'label': labels, 'mask': np.array([1, 1, 1, 1, 0, 0], np.float32)}
@@ -174,6 +175,95 @@ def test_unknown_names_are_rejected_before_any_work(tmp_path, field, value, vali
   with pytest.raises(ValueError, match=f'config.{field}.*{value}.*{valid}'):
     train.train_and_evaluate(_config(**{field: value}), workdir)
   assert not workdir.exists()
+
+
+def _with(config, **overrides):
+  """`config` with fields set by '.'-joined names ('pruning.epochs')."""
+  for name, value in overrides.items():
+    *parents, field = name.split('.')
+    holder = config
+    for parent in parents:
+      holder = holder[parent]
+    holder[field] = value
+  return config
+
+
+@pytest.mark.parametrize(
+    'field, value, requirement',
+    [
+        ('learning_rate', -0.1, 'must be a number > 0'),
+        ('learning_rate', 0.0, 'must be a number > 0'),
+        ('learning_rate', float('nan'), 'must be a number > 0'),
+        ('batch_size', 0, 'must be an int >= 1'),
+        ('num_epochs', -1, 'must be a number >= 0'),
+        ('momentum', 1.0, 'must be a number in [0, 1)'),
+        ('log_every_steps', 0, 'must be an int >= 1'),
+        ('lr_milestones', (10, -1), 'must be epochs: numbers >= 0'),
+        ('pruning.learning_rate', -0.01, 'must be a number > 0'),
+        ('pruning.target_flops', 0.0, 'must be a number in (0, 1]'),
+        ('pruning.record_every_steps', 0, 'must be an int >= 1'),
+        ('pruning.finetune_lr_schedule', 'linear', 'is unknown; valid choices: constant'),
+    ],
+)
+def test_invalid_fields_are_rejected_before_any_work(tmp_path, field, value, requirement):
+  config = _with(_config(), **{'pruning.enabled': field.startswith('pruning.'), field: value})
+  workdir = tmp_path / 'run'
+  with pytest.raises(loop.ConfigError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert f'config.{field}={value!r} {requirement}' in message, message
+  assert f'with --config.{field}=' in message, message  # What to do.
+  assert not workdir.exists()
+
+
+def _run_main(argv, monkeypatch) -> None:
+  """`train.main` as the command line runs it: flags parsed from `argv`, then `main`."""
+  monkeypatch.setattr(sys, 'argv', argv)  # Where config_flags reads `--config.*` overrides.
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    main_lib.main(main_lib.parse_flags(argv))
+
+
+def _one_line_error(capsys) -> str:
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err, err
+  return err.strip().splitlines()[-1]
+
+
+# ml_collections loads config files with the deprecated `load_module`.
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_invalid_value_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+  argv = ['main', '--config=configs/digits_dpm.py', '--config.learning_rate=-0.1',
+          f'--workdir={tmp_path / "run"}']
+  with pytest.raises(SystemExit) as exit_:
+    _run_main(argv, monkeypatch)
+  assert exit_.value.code == 2
+  line = _one_line_error(capsys)
+  assert line.startswith('Invalid config: config.learning_rate=-0.1 must be a number > 0'), line
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+@pytest.mark.parametrize(
+    'override, named, nearest',
+    [
+        ('--config.learning_rat=0.1', 'config.learning_rat;', 'did you mean config.learning_rate?'),
+        ('--config.pruning.learnig_rate=0.1', 'config.pruning.learnig_rate;',
+         'config.pruning.learning_rate'),
+        ('--config.prunning.epochs=3', 'config.prunning;', 'did you mean config.pruning?'),
+        ('--config.no_such_field=1', 'config.no_such_field;',
+         'the fields of config are: adam_b1, adam_b2, augment'),
+    ],
+)
+def test_unknown_field_on_the_command_line_is_one_line(
+    tmp_path, monkeypatch, capsys, override, named, nearest
+):
+  argv = ['main', '--config=configs/digits_dpm.py', override, f'--workdir={tmp_path}']
+  with pytest.raises(SystemExit) as exit_:
+    _run_main(argv, monkeypatch)
+  assert exit_.value.code == 2
+  line = _one_line_error(capsys)
+  assert f'{override}: unknown field {named}' in line and nearest in line, line
 
 
 # ----------------------------------------------------------------------------
@@ -260,15 +350,99 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
       train.train_and_evaluate(config, tmp_path / 'resumed')
     assert [r['step'] for r in _records(tmp_path / 'resumed')] == [2, 3, 4]
     monkeypatch.setattr(loop, 'make_train_step', make_train_step)
-    train.train_and_evaluate(config, tmp_path / 'resumed')
+
+    # Resumed from step 3, then killed as soon as the last checkpoint (step 6) is written.
+    save = checkpoint.save
+
+    def save_then_kill(manager, step, state, **kwargs):
+      written = save(manager, step, state, **kwargs)
+      manager.wait_until_finished()
+      if step == 6:
+        raise _Killed()
+      return written
+
+    monkeypatch.setattr(checkpoint, 'save', save_then_kill)
+    with pytest.raises(_Killed):
+      train.train_and_evaluate(config, tmp_path / 'resumed')
+    monkeypatch.setattr(checkpoint, 'save', save)
+    train.train_and_evaluate(config, tmp_path / 'resumed')  # Restored at the end: evaluates.
 
   expected = jax.device_get(_final_state(config, tmp_path / 'uninterrupted'))
   actual = jax.device_get(_final_state(config, tmp_path / 'resumed'))
   assert int(actual.step) == 6
   _assert_trees_equal(actual, expected)
-  # The records of the killed run after its checkpoint were replaced, not duplicated.
+  # The records of the killed runs after their checkpoints were replaced, not duplicated, and
+  # the record of the step last checkpointed was written.
   steps = [r['step'] for r in _records(tmp_path / 'resumed')]
   assert steps == [r['step'] for r in _records(tmp_path / 'uninterrupted')] == [2, 3, 4, 6]
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+  # Epoch 1 (steps 1-3) at a sane rate, then 1e28 from step 4 on: the loss overflows.
+  workdir = tmp_path / 'run'
+  argv = ['main', '--config=configs/test.py', '--config.lr_schedule=piecewise',
+          '--config.lr_milestones=(1,)', '--config.lr_decay_factor=1e30',
+          f'--workdir={workdir}']
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(SystemExit) as exit_:
+      _run_main(argv, monkeypatch)
+  assert exit_.value.code == 1
+  line = _one_line_error(capsys)
+  assert "TrainingDivergedError: Training diverged in phase 'pretrain', epoch 2" in line, line
+  assert f'last good checkpoint, step 3 in {workdir / "pretrain"}, is kept' in line, line
+  assert 'Lower the learning rate of this phase' in line, line
+
+  assert sorted(p.name for p in (workdir / 'pretrain').iterdir() if p.name.isdigit()) == ['3']
+  state = jax.device_get(_final_state(test_config.get_config(), workdir))
+  assert int(state.step) == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+  records = _records(workdir)
+  assert records and all(
+      math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)
+  ), records
+
+
+def test_non_finite_params_are_not_checkpointed(tmp_path):
+  config = _config(num_epochs=1)
+  graphdefs, params, batch_stats = loop.split_model(_model(config))
+  tx = loop.create_optimizer(config, steps_per_epoch=3)
+  step_fn = loop.make_train_step(graphdefs.train, tx)
+
+  def step_to_nan(state, batch):  # A finite loss, but the last update overflows.
+    state, metrics = step_fn(state, batch)
+    if int(state.step) == 3:
+      state = state._replace(params=jax.tree.map(lambda p: p * jnp.inf, state.params))
+    return state, metrics
+
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(loop.TrainingDivergedError) as error:
+      loop.train_phase(
+          'phase',
+          loop.create_train_state(params, batch_stats, tx),
+          graphdefs=graphdefs,
+          tx=tx,
+          num_steps=3,
+          steps_per_epoch=3,
+          config=config,
+          workdir=tmp_path,
+          arch={'name': 'test'},
+          writer=loop.MetricsWriter(tmp_path / loop.METRICS_FILENAME),
+          train_step_fn=step_to_nan,
+      )
+  assert 'params or batch statistics are not finite after step 3' in str(error.value)
+  assert 'No checkpoint of this phase was written yet' in str(error.value)
+  assert not [p for p in (tmp_path / 'phase').iterdir() if p.name.isdigit()]
+
+
+def test_metrics_writer_drops_a_cut_last_line_and_replaces_a_phase(tmp_path):
+  path = tmp_path / loop.METRICS_FILENAME
+  path.write_text('{"phase": "a", "step": 1}\n{"phase": "a", "st')  # Killed while writing.
+  writer = loop.MetricsWriter(path)
+  assert writer.records == [{'phase': 'a', 'step': 1}]
+  writer.write({'phase': 'result', 'accuracy': 0.5})
+  writer.replace({'phase': 'result', 'accuracy': 0.75})
+  assert _records(tmp_path) == [{'phase': 'a', 'step': 1}, {'phase': 'result', 'accuracy': 0.75}]
 
 
 def test_train_phase_calls_its_hooks(tmp_path):

@@ -12,9 +12,10 @@ optimizer), checkpointing into `workdir/<phase>/` and resuming from there.
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import functools
 import json
+import math
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from absl import logging
 from etils import epath
@@ -35,6 +36,14 @@ Metrics = dict[str, jax.Array]
 OPTIMIZERS = ('sgd', 'adam')
 LR_SCHEDULES = ('constant', 'cosine', 'piecewise')
 METRICS_FILENAME = 'metrics.jsonl'
+
+
+class ConfigError(ValueError):
+  """A config field that a run cannot use; the message names it and says what to do."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """The training loss or the state became non-finite; no checkpoint of it was written."""
 
 
 class TrainState(NamedTuple):
@@ -106,13 +115,18 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def create_train_state(
     params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
 ) -> TrainState:
-  """A step-0 `TrainState` for `params` and a fresh state of optimizer `tx`."""
-  return TrainState(
+  """A step-0 `TrainState` for `params` and a fresh state of optimizer `tx`.
+
+  Its arrays are committed to the first local device, as those of a restored checkpoint
+  are, so that a phase started afresh and one resumed run the same compiled step.
+  """
+  state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
       opt_state=tx.init(params),
   )
+  return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def train_step(
@@ -289,22 +303,27 @@ class MetricsWriter:
   (fractional), `time` (seconds of training in the phase, summed over resumed
   runs), `lr`, `train_loss` and `train_accuracy` (means since the previous
   record); records written at the end of an epoch also have `test_loss` and
-  `test_accuracy`.
+  `test_accuracy`. A last line cut short (a run killed while writing it) is dropped.
   """
 
   def __init__(self, path: str | os.PathLike[str]):
     self.path = epath.Path(path)
     lines = self.path.read_text().splitlines() if self.path.exists() else []
-    self.records = [json.loads(line) for line in lines if line.strip()]
+    lines = [line for line in lines if line.strip()]
+    self.records = []
+    for i, line in enumerate(lines):
+      try:
+        self.records.append(json.loads(line))
+      except json.JSONDecodeError:
+        if i < len(lines) - 1:
+          raise ValueError(f'{self.path}: line {i + 1} is not JSON: {line[:80]!r}') from None
+        self._rewrite()
 
   def resume(self, phase: str, step: int) -> float:
     """Drops records of `phase` after `step` (written by a run killed before its
     next checkpoint); returns the phase's training time up to `step`."""
-    kept = [r for r in self.records if r['phase'] != phase or r.get('step', 0) <= step]
-    if len(kept) != len(self.records):
-      self.records = kept
-      self.path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
-    return max((r.get('time', 0.0) for r in kept if r['phase'] == phase), default=0.0)
+    self._keep(lambda r: r['phase'] != phase or r.get('step', 0) <= step)
+    return max((r.get('time', 0.0) for r in self.records if r['phase'] == phase), default=0.0)
 
   def write(self, record: dict[str, Any], *, log_level: int = logging.INFO) -> None:
     self.records.append(record)
@@ -312,6 +331,24 @@ class MetricsWriter:
       f.write(json.dumps(record) + '\n')
     text = (f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in record.items())
     logging.log(log_level, '%s', ', '.join(text))
+
+  def replace(self, record: dict[str, Any]) -> None:
+    """Writes `record` in place of the records of its phase (e.g. the one final result of a
+    run, written again when a finished run is started again)."""
+    self._keep(lambda r: r['phase'] != record['phase'])
+    self.write(record)
+
+  def _keep(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+    kept = [r for r in self.records if keep(r)]
+    if len(kept) != len(self.records):
+      self.records = kept
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    """Writes `records` to a temporary file and renames it: a kill leaves old or new whole."""
+    tmp = self.path.parent / (self.path.name + '.tmp')
+    tmp.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
+    tmp.replace(self.path)
 
 
 def _mean_metrics(step_metrics: list[Metrics]) -> dict[str, float]:
@@ -335,6 +372,7 @@ def train_phase(
     train_step_fn: TrainStepFn | None = None,
     step_callback: Callable[[int, TrainState], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int, TrainState], None] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
   """Trains `state` with `tx` for `num_steps` steps, checkpointing into `workdir/<phase>`.
 
@@ -342,7 +380,14 @@ def train_phase(
   stream from the same batch), so a killed run started again ends with the same
   state as one that was never interrupted. Checkpoints are written every
   `config.checkpoint_every_epochs` epochs and at the end; the test set is
-  evaluated every `config.eval_every_epochs` epochs and at the end.
+  evaluated every `config.eval_every_epochs` epochs and at the end. Each metrics
+  record is written before the checkpoint of its step, so a resumed run neither
+  loses nor repeats one.
+
+  The mean training loss is checked wherever it is fetched for a metrics record
+  (every `config.log_every_steps` steps and at the end of each epoch), and the
+  params and batch statistics before each checkpoint; when either is not finite
+  the phase stops with `TrainingDivergedError`, leaving the checkpoints as they were.
 
   Args:
     phase: name of the phase; also the checkpoint subdirectory.
@@ -361,11 +406,18 @@ def train_phase(
       steps done); `state` is donated by the next step, so read it right away.
     on_resume: called once with the step the phase starts from (0 when fresh),
       e.g. to drop what a killed run recorded after its last checkpoint.
+    on_checkpoint: called as `on_checkpoint(step, state)` just before the
+      checkpoint of `step` is written, e.g. to save beside it what the checkpoint
+      must cover (saved first, it may cover more than the last checkpoint that a
+      killed run completed; `on_resume` drops the rest).
 
   Returns:
     The final state (input `state` is donated) and the final test metrics
     {'test_loss', 'test_accuracy'}, plus {'train_loss', 'train_accuracy'} of the
     last epoch when it was trained by this call.
+
+  Raises:
+    TrainingDivergedError: the training loss or the state became non-finite.
   """
   if train_step_fn is None:
     train_step_fn = make_train_step(graphdefs.train, tx)
@@ -403,6 +455,7 @@ def train_phase(
           learning_rate_fn=learning_rate_fn,
           time_offset=time_offset,
           step_callback=step_callback,
+          on_checkpoint=on_checkpoint,
       )
     if 'test_accuracy' not in final:
       final = evaluate_fn(state)
@@ -427,8 +480,26 @@ def _train_loop(
     learning_rate_fn: optax.Schedule | None,
     time_offset: float,
     step_callback: Callable[[int, TrainState], None] | None,
+    on_checkpoint: Callable[[int, TrainState], None] | None,
 ) -> tuple[TrainState, dict[str, float]]:
   num_epochs = -(-num_steps // steps_per_epoch)
+  last_checkpoint = start_step if start_step else None  # A restored run resumes from one.
+
+  def stop(step: int, num_logged: int) -> NoReturn:
+    if bar is not None:
+      bar.close()
+    raise TrainingDivergedError(
+        _diverged_message(
+            phase,
+            manager.directory,
+            step,
+            (step - 1) // steps_per_epoch + 1,
+            num_logged,
+            last_checkpoint,
+            learning_rate_fn,
+        )
+    )
+
   batches = train_batches(config, start_step)
   start_time = time.perf_counter() - time_offset
   log_metrics, epoch_metrics = [], []  # Per-step device metrics, fetched only when logged.
@@ -454,6 +525,8 @@ def _train_loop(
     end_of_epoch = step % steps_per_epoch == 0 or step == num_steps
     if step % config.log_every_steps == 0 and not end_of_epoch:
       record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, log_metrics)
+      if not math.isfinite(record['train_loss']):
+        stop(step, len(log_metrics))
       log_metrics = []
       bar.set_postfix(loss=f'{record["train_loss"]:.4f}', acc=f'{record["train_accuracy"]:.4f}')
       writer.write(record, log_level=logging.DEBUG)  # The progress bar shows it.
@@ -461,6 +534,8 @@ def _train_loop(
       continue
 
     record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, epoch_metrics)
+    if not math.isfinite(record['train_loss']):
+      stop(step, len(epoch_metrics))
     log_metrics, epoch_metrics = [], []
     final = {'train_loss': record['train_loss'], 'train_accuracy': record['train_accuracy']}
     postfix = {'loss': f'{record["train_loss"]:.4f}', 'acc': f'{record["train_accuracy"]:.4f}'}
@@ -468,8 +543,6 @@ def _train_loop(
     if epochs_done % config.eval_every_epochs == 0 or step == num_steps:
       final.update(evaluate_fn(state))
       postfix['test_acc'] = f'{final["test_accuracy"]:.4f}'
-    if epochs_done % config.checkpoint_every_epochs == 0 or step == num_steps:
-      checkpoint.save(manager, step, state, force=True)
     bar.set_postfix(postfix)
     bar.close()
     bar = None
@@ -477,8 +550,51 @@ def _train_loop(
         {k: v for k, v in final.items() if k.startswith('test_')},
         time=time.perf_counter() - start_time,
     )
+    # Written before the checkpoint: a run killed in between drops it on resume and writes it
+    # again, rather than resuming after a step whose record is missing.
     writer.write(record)
+    if epochs_done % config.checkpoint_every_epochs == 0 or step == num_steps:
+      if not bool(_all_finite((state.params, state.batch_stats))):
+        stop(step, 0)
+      if on_checkpoint is not None:
+        on_checkpoint(step, state)
+      checkpoint.save(manager, step, state, force=True)
+      last_checkpoint = step
   return state, final
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _diverged_message(
+    phase: str,
+    directory: epath.Path,
+    step: int,
+    epoch: int,
+    num_logged: int,
+    last_checkpoint: int | None,
+    learning_rate_fn: optax.Schedule | None,
+) -> str:
+  """What became non-finite and where, what was kept, and what to try."""
+  if num_logged:
+    what = f'the mean training loss of steps {step - num_logged + 1}-{step} is not finite'
+  else:
+    what = f'the params or batch statistics are not finite after step {step}'
+  if last_checkpoint is None:
+    kept, again = 'No checkpoint of this phase was written yet', 'the phase starts over'
+  else:
+    kept = f'The last good checkpoint, step {last_checkpoint} in {directory}, is kept'
+    again = 'with the same --workdir it continues from that checkpoint'
+  lr = ''
+  if learning_rate_fn is not None:
+    lr = f' ({float(learning_rate_fn(step - 1)):.4g} at step {step})'
+  return (
+      f'Training diverged in phase {phase!r}, epoch {epoch}: {what}. Stopped without '
+      f'checkpointing it. {kept}. Lower the learning rate of this phase{lr} and run again: '
+      f'{again}.'
+  )
 
 
 def _record(

@@ -4,9 +4,18 @@
       --config.num_epochs=5
 
 Started again with the same --workdir, a run resumes from its last checkpoint.
+A config that cannot work (an unknown `--config.<field>`, a field out of range),
+missing data, an unreadable checkpoint or a diverged training loss end the
+program with a one-line message on stderr and a non-zero exit status: 2 for a
+config, 1 for the others.
 """
 
+from collections.abc import Sequence
+import difflib
 import logging as std_logging
+import re
+import sys
+from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
@@ -14,6 +23,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dpm_jax import checkpoint
+from dpm_jax import data
+from train import loop
 from train import train
 
 FLAGS = flags.FLAGS
@@ -23,6 +35,12 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.', 
 
 # Libraries whose INFO messages (every checkpoint write, every dataset open) would bury ours.
 _QUIET_PACKAGES = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/xla_bridge')
+# Errors whose message says what went wrong and what to do: a traceback would only hide it.
+_RUN_ERRORS = (
+    data.DatasetNotFoundError,
+    checkpoint.CheckpointError,
+    loop.TrainingDivergedError,
+)
 
 
 def _drop_library_info(record: std_logging.LogRecord) -> bool:
@@ -31,14 +49,78 @@ def _drop_library_info(record: std_logging.LogRecord) -> bool:
   )
 
 
+def _exit(message: str, status: int) -> NoReturn:
+  print(message, file=sys.stderr)
+  sys.exit(status)
+
+
+def unknown_override(argv: Sequence[str]) -> str | None:
+  """The message for the first `--config.<field>` in `argv` that the config file lacks.
+
+  Names the field and the nearest valid names at its level; None when every
+  override names a field (or the config file itself does not load).
+  """
+  path = None
+  for i, arg in enumerate(argv):
+    if re.match(r'--?config=', arg):
+      path = arg.split('=', 1)[1]
+    elif re.fullmatch(r'--?config', arg) and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return None
+  try:
+    config = FLAGS['config'].parser.parse(path)  # Loads the file, as the flag does.
+  except Exception:  # pylint: disable=broad-except  # The flag's own error is the one to show.
+    return None
+  for arg in argv:
+    match = re.match(r'--?(?:no)?config\.([^=]+)', arg)
+    if match is None:
+      continue
+    node: Any = config
+    names = match.group(1).split('.')
+    for depth, name in enumerate(names):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if name in keys:
+        node = node[name]
+        continue
+      field = '.'.join(['config', *names[: depth + 1]])
+      parent = '.'.join(['config', *names[:depth]])
+      if not keys:
+        return f'{arg}: {parent} has no fields.'
+      close = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+      hint = (
+          f'did you mean {", ".join(f"{parent}.{k}" for k in close)}?'
+          if close
+          else f'the fields of {parent} are: {", ".join(sorted(keys))}.'
+      )
+      return f'{arg}: unknown field {field}; {hint}'
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an unknown `--config.<field>` ends the program with one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    message = unknown_override(argv)
+    if message is None:
+      raise
+    _exit(f'FATAL Flags parsing error: {message}', 2)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   logging.get_absl_handler().addFilter(_drop_library_info)
   logging.info('JAX devices: %r', jax.devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.ConfigError as e:
+    _exit(f'Invalid config: {e}', 2)
+  except _RUN_ERRORS as e:
+    _exit(f'{type(e).__name__}: {e}', 1)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

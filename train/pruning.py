@@ -66,18 +66,21 @@ def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> r
 
 
 def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
-  """Raises ValueError for a pruning config that cannot work, before any training."""
+  """Raises `loop.ConfigError` for a pruning config that cannot work, before any training."""
   pc = config.pruning
-  recipe = recipe_from_config(pc, steps_per_epoch)  # validates every recipe field
+  try:
+    recipe = recipe_from_config(pc, steps_per_epoch)  # validates every recipe field
+  except (TypeError, ValueError) as e:
+    raise loop.ConfigError(
+        f"config.pruning: {e} Change the field in the config file or with "
+        "--config.pruning.<field>=...") from e
   prune_steps = round(pc.epochs * steps_per_epoch)
   if recipe.last_step >= prune_steps:
-    raise ValueError(
+    raise loop.ConfigError(
         f"config.pruning.epochs={pc.epochs} ({prune_steps} steps) is too short: the last "
         f"pruning event is at step {recipe.schedule.last_event} and its channels need "
         f"{recipe.removal.settle_steps} more steps to reach zero. "
         "Lengthen the phase, move end_epoch earlier or shorten decay_steps.")
-  if pc.finetune_epochs < 0:
-    raise ValueError(f"config.pruning.finetune_epochs must be >= 0, got {pc.finetune_epochs}.")
 
 
 def phase_config(config: ml_collections.ConfigDict, *, learning_rate: float, epochs: float,
@@ -90,16 +93,21 @@ def phase_config(config: ml_collections.ConfigDict, *, learning_rate: float, epo
 
 
 class TrajectoryRecorder:
-  """Records every channel's norm and status every `every` steps of the prune phase."""
+  """Records every channel's norm and status every `every` steps of the prune phase.
+
+  Called after every step (`train_phase`'s `step_callback`); `checkpoint` saves what was
+  recorded just before each checkpoint is written, and `resume` keeps what the restored
+  checkpoint covers, so a resumed run ends with the trajectories of an uninterrupted one.
+  """
 
   def __init__(self, index: channels.ChannelIndex, every: int, path: epath.Path):
     self.every, self.path = every, path
     self._norms = jax.jit(lambda p: jnp.sqrt(channels.sq_norms(index, p)))
     self.steps, self.norms, self.status = [], [], []
-    self.last = None
 
   def resume(self, step: int) -> None:
-    """Keeps what an interrupted run recorded up to `step`."""
+    """Keeps what an interrupted run saved up to `step`, the step it resumes from."""
+    self.steps, self.norms, self.status = [], [], []
     if self.path.exists():
       old = report.Trajectories.load(self.path)
       keep = old.steps <= step
@@ -114,7 +122,11 @@ class TrajectoryRecorder:
     self.steps.append(step)
     self.norms.append(np.asarray(self._norms(state.params)))
     self.status.append(np.asarray(pruning.channel_status(ps)))
-    self.last = ps
+
+  def checkpoint(self, step: int, state: loop.TrainState) -> None:
+    """Saves what was recorded up to `step`, before the checkpoint of `step` is written."""
+    del step  # Everything recorded so far is at or before it.
+    self.save(dpm_jax.prune_state(state.opt_state))
 
   def trajectories(self, ps) -> report.Trajectories:
     released, released_at = pruning.given_back(ps)
@@ -175,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       num_steps=round(pc.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
       config=config, workdir=workdir, arch=dense_arch, writer=writer,
       learning_rate_fn=loop.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
-      step_callback=recorder, on_resume=recorder.resume)
+      step_callback=recorder, on_resume=recorder.resume, on_checkpoint=recorder.checkpoint)
   ps = dpm_jax.prune_state(pruned.opt_state)
   traj = recorder.save(ps)
 
@@ -227,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       "released_channels": int((traj.released > 0).sum()),
       "releases": int(traj.released.sum()),
   }
-  writer.write({"phase": "result", **result})
+  writer.replace({"phase": "result", **result})  # once, also when a finished run is run again
   (workdir / "result.json").write_text(json.dumps(result, indent=2))
   summary = {
       "model": f"{config.model} on {config.dataset}",

@@ -11,6 +11,7 @@ Files written into `workdir`:
 """
 
 from collections.abc import Iterable
+import math
 import os
 from typing import Any
 
@@ -24,30 +25,110 @@ import optax
 
 from dpm_jax import data
 from dpm_jax import models
+from dpm_jax import recipes
 from train import loop
 from train import pruning
 
+
+def _invalid(field: str, value: Any, requirement: str) -> loop.ConfigError:
+  return loop.ConfigError(
+      f'config.{field}={value!r} {requirement}. Change it in the config file or with '
+      f'--config.{field}=...'
+  )
+
+
 def _check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
-  choices = sorted(choices)
   if value not in choices:
-    raise ValueError(f'Unknown config.{field} {value!r}; valid choices: {", ".join(choices)}.')
+    raise _invalid(field, value, f'is unknown; valid choices: {", ".join(sorted(choices))}')
+
+
+def _in_range(
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> bool:
+  """Whether `value` is a finite number (an int if `integer`) in the range."""
+  return (
+      not isinstance(value, bool)
+      and isinstance(value, int if integer else (int, float))
+      and math.isfinite(value)
+      and (value > low if low_open else value >= low)
+      and (value < high if high_open else value <= high)
+  )
+
+
+def _check_number(
+    field: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+  """Raises ConfigError unless `value` is a finite number (an int if `integer`) in the range."""
+  if _in_range(value, low, high, low_open=low_open, high_open=high_open, integer=integer):
+    return
+  kind = 'an int' if integer else 'a number'
+  if high == math.inf:
+    requirement = f'must be {kind} {">" if low_open else ">="} {low:g}'
+  else:
+    left, right = '(' if low_open else '[', ')' if high_open else ']'
+    requirement = f'must be {kind} in {left}{low:g}, {high:g}{right}'
+  raise _invalid(field, value, requirement)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for a config that names unknown things, before any work."""
-  _check_choice('model', config.model, models.MODELS)
-  _check_choice('dataset', config.dataset, data.DATASETS)
-  _check_choice('optimizer', config.optimizer, loop.OPTIMIZERS)
-  _check_choice('lr_schedule', config.lr_schedule, loop.LR_SCHEDULES)
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_epochs'):
-    if config[field] <= 0:
-      raise ValueError(f'config.{field} must be positive, got {config[field]}.')
-  pruning_enabled = 'pruning' in config and config.pruning.enabled
-  if config.num_epochs < 0 or (config.num_epochs == 0 and not pruning_enabled):
-    raise ValueError(
-        f'config.num_epochs must be positive, got {config.num_epochs} (0 is allowed only '
-        'with pruning: pruning from scratch, without a dense pretrain phase).'
-    )
+  """Raises `loop.ConfigError` for a field that a run cannot use, before any work.
+
+  Checks names (model, dataset, optimizer, schedules, pruning method), numbers
+  (positive learning rates, sizes and intervals, fractions within their range)
+  and, with pruning, the fields of the run around the recipe; the recipe's own
+  options are checked by `pruning.validate_pruning_config`, which needs the
+  dataset's size.
+  """
+  c = config
+  _check_choice('model', c.model, models.MODELS)
+  _check_choice('dataset', c.dataset, data.DATASETS)
+  _check_choice('optimizer', c.optimizer, loop.OPTIMIZERS)
+  _check_choice('lr_schedule', c.lr_schedule, loop.LR_SCHEDULES)
+  _check_number('seed', c.seed, 0, integer=True)
+  _check_number('learning_rate', c.learning_rate, 0, low_open=True)
+  _check_number('momentum', c.momentum, 0, 1, high_open=True)
+  _check_number('adam_b1', c.adam_b1, 0, 1, high_open=True)
+  _check_number('adam_b2', c.adam_b2, 0, 1, high_open=True)
+  _check_number('weight_decay', c.weight_decay, 0)
+  if not all(_in_range(m, 0) for m in c.lr_milestones):
+    raise _invalid('lr_milestones', c.lr_milestones, 'must be epochs: numbers >= 0')
+  _check_number('lr_decay_factor', c.lr_decay_factor, 0, low_open=True)
+  _check_number('warmup_epochs', c.warmup_epochs, 0)
+  _check_number('num_epochs', c.num_epochs, 0)
+  for field in ('batch_size', 'eval_batch_size', 'eval_every_epochs', 'log_every_steps',
+                'checkpoint_every_epochs'):
+    _check_number(field, c[field], 1, integer=True)
+  if c.checkpoint_max_to_keep is not None:
+    _check_number('checkpoint_max_to_keep', c.checkpoint_max_to_keep, 1, integer=True)
+  pruning_enabled = 'pruning' in c and c.pruning.enabled
+  if c.num_epochs == 0 and not pruning_enabled:
+    raise _invalid('num_epochs', 0, 'must be positive (0 is allowed only with pruning: '
+                   'pruning from scratch, without a dense pretrain phase)')
+  if not pruning_enabled:
+    return
+  p = c.pruning
+  _check_choice('pruning.method', p.method, recipes.PRESETS)
+  _check_number('pruning.target_flops', p.target_flops, 0, 1, low_open=True)
+  _check_number('pruning.epochs', p.epochs, 0, low_open=True)
+  _check_number('pruning.learning_rate', p.learning_rate, 0, low_open=True)
+  _check_choice('pruning.lr_schedule', p.lr_schedule, loop.LR_SCHEDULES)
+  _check_number('pruning.record_every_steps', p.record_every_steps, 1, integer=True)
+  _check_number('pruning.finetune_epochs', p.finetune_epochs, 0)
+  _check_number('pruning.finetune_learning_rate', p.finetune_learning_rate, 0, low_open=True)
+  _check_choice('pruning.finetune_lr_schedule', p.finetune_lr_schedule, loop.LR_SCHEDULES)
 
 
 def train_and_evaluate(
@@ -68,22 +149,27 @@ def train_and_evaluate(
     The final metrics: 'test_accuracy', 'test_loss' (and 'train_loss',
     'train_accuracy' of the last epoch when it was trained in this call; with
     pruning, those of `train.pruning.run`).
+
+  Raises:
+    loop.ConfigError: a config field the run cannot use (before anything is written).
+    loop.TrainingDivergedError: the training loss or state became non-finite; the
+      phase's last good checkpoint is kept.
   """
   validate_config(config)
   prune = 'pruning' in config and config.pruning.enabled
+  info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+  steps_per_epoch = info.num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise _invalid(
+        'batch_size', config.batch_size, f'exceeds the {info.num_train} training examples of '
+        f'{info.name}'
+    )
+  if prune:
+    pruning.validate_pruning_config(config, steps_per_epoch)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  info = data.dataset_info(config.dataset, data_dir=config.data_dir)
-  steps_per_epoch = info.num_train // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(
-        f'config.batch_size {config.batch_size} exceeds the {info.num_train} training '
-        f'examples of {info.name}.'
-    )
-  if prune:
-    pruning.validate_pruning_config(config, steps_per_epoch)
   model = models.create_model(
       config.model,
       num_classes=info.num_classes,
