@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_epochs = 1  # Checkpoint every this many epochs (and at the end).
   config.checkpoint_max_to_keep = 2  # Checkpoints kept per phase (older ones are deleted).
   config.progress_bar = True  # Show a tqdm progress bar per epoch.
+  # JAX's persistent compilation cache: a second run of the same job (or a resumed one) loads
+  # its compiled steps instead of compiling them again. '' turns it off.
+  config.compilation_cache = '~/.cache/dpm_jax/jax'
 
   # Pruning (off by default): after the dense 'pretrain' phase, a 'prune' phase trains with
   # dpm_jax.prune, then the pruning is made final, channels are removed by surgery, and the

@@ -493,3 +493,38 @@ def test_digits_end_to_end_through_the_command_line(tmp_path, monkeypatch):
   final = _records(workdir)[-1]
   assert final['epoch'] == 2 and final['test_accuracy'] > 0.85, final
   assert digits_config.get_config().num_epochs == 10  # The flag overrode a copy.
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_main_prints_and_writes_where_the_time_went(tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  argv = ['main', '--config=configs/test.py', '--config.num_epochs=1',
+          '--config.compilation_cache=', f'--workdir={workdir}']
+  with tfds.testing.mock_data(num_examples=24):
+    _run_main(argv, monkeypatch)
+  seconds = json.loads((workdir / 'timings.json').read_text())
+  for section in ('imports', 'data', 'model', 'pretrain: compile + first step',
+                  'pretrain: steps', 'pretrain: evaluation', 'pretrain: checkpoints'):
+    assert seconds[section] > 0, (section, seconds)
+  assert seconds['total'] == pytest.approx(sum(v for k, v in seconds.items() if k != 'total'))
+  # The first step compiles: it takes longer than the two others together.
+  assert seconds['pretrain: compile + first step'] > seconds['pretrain: steps']
+
+
+def test_compilation_cache_is_turned_on_by_the_config(tmp_path):
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {name: getattr(jax.config, name) for name in names}
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    main_lib.use_compilation_cache('')
+    assert jax.config.jax_compilation_cache_dir is None
+    main_lib.use_compilation_cache(str(tmp_path / 'cache'))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    # A directory already set (JAX_COMPILATION_CACHE_DIR) wins.
+    main_lib.use_compilation_cache(str(tmp_path / 'other'))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache')
+  finally:
+    for name, value in old.items():
+      jax.config.update(name, value)

@@ -28,6 +28,7 @@ import tqdm
 
 from dpm_jax import checkpoint
 from dpm_jax import data
+from train import timing
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -424,14 +425,18 @@ def train_phase(
   eval_step_fn = make_eval_step(graphdefs.eval)
 
   def evaluate_fn(state: TrainState) -> dict[str, float]:
-    test = evaluate(eval_step_fn, state.params, state.batch_stats, eval_batches(config))
+    with timing.TIMINGS.section(f'{phase}: evaluation'):
+      test = evaluate(eval_step_fn, state.params, state.batch_stats, eval_batches(config))
     return {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
 
+  begin = time.perf_counter()
+  before = dict(timing.TIMINGS.seconds)
   phase_dir = epath.Path(workdir) / phase
   checkpoint.save_arch(phase_dir, arch)
   manager = checkpoint.create_manager(phase_dir, max_to_keep=config.checkpoint_max_to_keep)
   try:
-    restored = checkpoint.restore_latest(manager, state)
+    with timing.TIMINGS.section(f'{phase}: checkpoints'):
+      restored = checkpoint.restore_latest(manager, state)
     if restored is not None:
       state = restored
       logging.info('%s: resuming from step %d in %s', phase, int(state.step), phase_dir)
@@ -459,9 +464,13 @@ def train_phase(
       )
     if 'test_accuracy' not in final:
       final = evaluate_fn(state)
-    manager.wait_until_finished()
+    with timing.TIMINGS.section(f'{phase}: checkpoints'):
+      manager.wait_until_finished()
   finally:
     manager.close()
+  # What the phase's other sections do not cover is its training steps.
+  covered = sum(v - before.get(k, 0.0) for k, v in timing.TIMINGS.seconds.items())
+  timing.TIMINGS.add(f'{phase}: steps', time.perf_counter() - begin - covered)
   return state, final
 
 
@@ -515,7 +524,11 @@ def _train_loop(
           disable=not config.progress_bar,
           dynamic_ncols=True,
       )
-    state, metrics = train_step_fn(state, next(batches))
+    if step == start_step + 1:  # Compiles: charged to its own section.
+      with timing.TIMINGS.section(f'{phase}: compile + first step'):
+        state, metrics = jax.block_until_ready(train_step_fn(state, next(batches)))
+    else:
+      state, metrics = train_step_fn(state, next(batches))
     if step_callback is not None:
       step_callback(step, state)
     log_metrics.append(metrics)
@@ -556,9 +569,10 @@ def _train_loop(
     if epochs_done % config.checkpoint_every_epochs == 0 or step == num_steps:
       if not bool(_all_finite((state.params, state.batch_stats))):
         stop(step, 0)
-      if on_checkpoint is not None:
-        on_checkpoint(step, state)
-      checkpoint.save(manager, step, state, force=True)
+      with timing.TIMINGS.section(f'{phase}: checkpoints'):
+        if on_checkpoint is not None:
+          on_checkpoint(step, state)
+        checkpoint.save(manager, step, state, force=True)
       last_checkpoint = step
   return state, final
 

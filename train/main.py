@@ -7,12 +7,21 @@ Started again with the same --workdir, a run resumes from its last checkpoint.
 A config that cannot work (an unknown `--config.<field>`, a field out of range),
 missing data, an unreadable checkpoint or a diverged training loss end the
 program with a one-line message on stderr and a non-zero exit status: 2 for a
-config, 1 for the others.
+config, 1 for the others. At the end it logs where the time went (imports, data, each
+phase's compile, steps, evaluation and checkpoints, surgery, export, report) and writes it
+to `workdir/timings.json`.
 """
 
+import time
+
+_START = time.perf_counter()  # Before the imports, which the time breakdown counts.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from collections.abc import Sequence
 import difflib
+import json
 import logging as std_logging
+import os
 import re
 import sys
 from typing import Any, NoReturn
@@ -26,7 +35,10 @@ from ml_collections import config_flags
 from dpm_jax import checkpoint
 from dpm_jax import data
 from train import loop
+from train import timing
 from train import train
+
+_IMPORTED = time.perf_counter()
 
 FLAGS = flags.FLAGS
 
@@ -108,17 +120,38 @@ def parse_flags(argv: list[str]) -> list[str]:
     _exit(f'FATAL Flags parsing error: {message}', 2)
 
 
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off).
+
+  Every compile of a run is cached, however short: the job's many small ones add up. A
+  directory set in the environment (JAX_COMPILATION_CACHE_DIR) wins.
+  """
+  if not directory or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   logging.get_absl_handler().addFilter(_drop_library_info)
-  logging.info('JAX devices: %r', jax.devices())
+  timing.TIMINGS.reset(_START)
+  timing.TIMINGS.add('imports', _IMPORTED - _START)
+  use_compilation_cache(FLAGS.config.get('compilation_cache', ''))
+  with timing.TIMINGS.section('start JAX'):
+    logging.info('JAX devices: %r', jax.devices())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.ConfigError as e:
     _exit(f'Invalid config: {e}', 2)
   except _RUN_ERRORS as e:
     _exit(f'{type(e).__name__}: {e}', 1)
+  logging.info('Where the time went:\n%s', timing.TIMINGS.table())
+  path = f'{FLAGS.workdir}/timings.json'
+  with open(path, 'w') as f:
+    json.dump(timing.TIMINGS.as_dict(), f, indent=2)
 
 
 if __name__ == '__main__':

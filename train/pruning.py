@@ -29,6 +29,7 @@ from dpm_jax import pruning
 from dpm_jax import recipes
 from dpm_jax import report
 from train import loop
+from train import timing
 
 TRAJECTORIES = "trajectories.npz"
 # Fields of `config.pruning` in epochs, and the recipe options they become (in steps).
@@ -102,7 +103,12 @@ class TrajectoryRecorder:
 
   def __init__(self, index: channels.ChannelIndex, every: int, path: epath.Path):
     self.every, self.path = every, path
-    self._norms = jax.jit(lambda p: jnp.sqrt(channels.sq_norms(index, p)))
+    # Fresh arrays (a copy of the status, not the state's buffer, which the next step
+    # donates), left on the device: they are fetched in one block when saved, so recording
+    # does not wait for every step to finish.
+    self._record = jax.jit(lambda params, ps: (
+        jnp.sqrt(channels.sq_norms(index, params)),
+        jnp.array(pruning.channel_status(ps), copy=True)))
     self.steps, self.norms, self.status = [], [], []
 
   def resume(self, step: int) -> None:
@@ -118,10 +124,10 @@ class TrajectoryRecorder:
   def __call__(self, step: int, state: loop.TrainState) -> None:
     if step % self.every:
       return
-    ps = dpm_jax.prune_state(state.opt_state)
+    norms, status = self._record(state.params, dpm_jax.prune_state(state.opt_state))
     self.steps.append(step)
-    self.norms.append(np.asarray(self._norms(state.params)))
-    self.status.append(np.asarray(pruning.channel_status(ps)))
+    self.norms.append(norms)
+    self.status.append(status)
 
   def checkpoint(self, step: int, state: loop.TrainState) -> None:
     """Saves what was recorded up to `step`, before the checkpoint of `step` is written."""
@@ -130,6 +136,7 @@ class TrajectoryRecorder:
 
   def trajectories(self, ps) -> report.Trajectories:
     released, released_at = pruning.given_back(ps)
+    self.norms, self.status = jax.device_get((self.norms, self.status))  # one transfer
     return report.Trajectories(np.asarray(self.steps), np.asarray(self.norms),
                                np.asarray(self.status), released, released_at)
 
@@ -165,13 +172,14 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     The final metrics, with the pruned network's FLOPs and params ratios.
   """
   pc = config.pruning
-  recipe = recipe_from_config(pc, steps_per_epoch)
-  sample = _sample_batch(config)
-  image = jnp.asarray(sample["image"][:1])
-  dense_model = _model(graphdefs.eval, state.params, state.batch_stats)
-  spec = dpm_jax.trace_groups(dense_model, image)
-  logging.info("Channel groups:\n%s", spec)
-  dense_arch = dense_model.arch()
+  with timing.TIMINGS.section("trace groups"):
+    recipe = recipe_from_config(pc, steps_per_epoch)
+    sample = _sample_batch(config)
+    image = jnp.asarray(sample["image"][:1])
+    dense_model = _model(graphdefs.eval, state.params, state.batch_stats)
+    spec = dpm_jax.trace_groups(dense_model, image)
+    logging.info("Channel groups:\n%s", spec)
+    dense_arch = dense_model.arch()
 
   # Prune-train: the recipe runs inside the optimizer.
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
@@ -192,18 +200,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
   traj = recorder.save(ps)
 
   # Finalize (every selected channel exactly zero), then surgery.
-  params, keep = dpm_jax.finalize(pruned.params, pruned.opt_state, spec)
-  full = _model(graphdefs.eval, params, pruned.batch_stats)
-  x = jnp.asarray(sample["image"])
-  small = dpm_jax.remove_channels(full, spec, keep, sample=x)  # raises unless exact
-  small.eval()
-  surgery_diff = float(jnp.max(jnp.abs(full(x) - small(x))))
+  with timing.TIMINGS.section("finalize + surgery"):
+    params, keep = dpm_jax.finalize(pruned.params, pruned.opt_state, spec)
+    full = _model(graphdefs.eval, params, pruned.batch_stats)
+    x = jnp.asarray(sample["image"])
+    small = dpm_jax.remove_channels(full, spec, keep, sample=x)  # raises unless exact
+    small.eval()
+    surgery_diff = float(jnp.max(jnp.abs(full(x) - small(x))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
   small_graphdefs, small_params, small_stats = loop.split_model(small)
   eval_fn = loop.make_eval_step(small_graphdefs.eval)
-  after_surgery = loop.evaluate(eval_fn, small_params, small_stats,
-                                     loop.eval_batches(config))
+  with timing.TIMINGS.section("surgery: evaluation"):
+    after_surgery = loop.evaluate(eval_fn, small_params, small_stats,
+                                  loop.eval_batches(config))
 
   # Fine-tune the smaller network.
   finetune_metrics = {"test_accuracy": after_surgery["accuracy"],
@@ -224,7 +234,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
 
   # Export: the pruned model's weights and architecture, loadable without the pruning code.
   export_dir = workdir / "export"
-  checkpoint.export_model(export_dir, small.arch(), final_params, final_stats)
+  with timing.TIMINGS.section("export"):
+    checkpoint.export_model(export_dir, small.arch(), final_params, final_stats)
 
   dense_cost, pruned_cost = dpm_jax.spec_cost(spec), dpm_jax.spec_cost(spec, keep)
   result = {
@@ -254,8 +265,9 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       "pruning + fine-tuning wall time": f"{elapsed:.1f} s",
       "exported to": f"{export_dir}",
   }
-  path = report.write_report(os.fspath(workdir), spec, keep,
-                             title=f"Pruning report: {config.model} on {config.dataset}",
-                             summary=summary, trajectories=traj)
+  with timing.TIMINGS.section("report"):
+    path = report.write_report(os.fspath(workdir), spec, keep,
+                               title=f"Pruning report: {config.model} on {config.dataset}",
+                               summary=summary, trajectories=traj)
   logging.info("Report: %s", path)
   return result

@@ -28,6 +28,7 @@ from dpm_jax import models
 from dpm_jax import recipes
 from train import loop
 from train import pruning
+from train import timing
 
 
 def _invalid(field: str, value: Any, requirement: str) -> loop.ConfigError:
@@ -113,6 +114,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_number(field, c[field], 1, integer=True)
   if c.checkpoint_max_to_keep is not None:
     _check_number('checkpoint_max_to_keep', c.checkpoint_max_to_keep, 1, integer=True)
+  if not isinstance(c.get('compilation_cache', ''), str):
+    raise _invalid('compilation_cache', c.compilation_cache,
+                   "must be a directory path, or '' for no cache")
   pruning_enabled = 'pruning' in c and c.pruning.enabled
   if c.num_epochs == 0 and not pruning_enabled:
     raise _invalid('num_epochs', 0, 'must be positive (0 is allowed only with pruning: '
@@ -157,7 +161,8 @@ def train_and_evaluate(
   """
   validate_config(config)
   prune = 'pruning' in config and config.pruning.enabled
-  info = data.dataset_info(config.dataset, data_dir=config.data_dir)
+  with timing.TIMINGS.section('data'):
+    info = data.dataset_info(config.dataset, data_dir=config.data_dir)
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch == 0:
     raise _invalid(
@@ -170,14 +175,15 @@ def train_and_evaluate(
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  model = models.create_model(
-      config.model,
-      num_classes=info.num_classes,
-      rngs=nnx.Rngs(config.seed),
-      **config.model_kwargs.to_dict(),
-  )
-  arch = model.arch()
-  graphdefs, params, batch_stats = loop.split_model(model)
+  with timing.TIMINGS.section('model'):
+    model = models.create_model(
+        config.model,
+        num_classes=info.num_classes,
+        rngs=nnx.Rngs(config.seed),
+        **config.model_kwargs.to_dict(),
+    )
+    arch = model.arch()
+    graphdefs, params, batch_stats = loop.split_model(model)
   del model  # Its arrays are donated by the first train step.
   logging.info(
       '%s on %s: %d parameters, %d steps per epoch.',
