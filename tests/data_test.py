@@ -14,6 +14,7 @@ import time
 
 from absl import flags
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -364,6 +365,30 @@ def test_imagenet_crops_have_the_output_shape(shape):
     crop = pipeline._random_resized_crop_flip(image, rng, 224)
     assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
   assert pipeline._resize_center_crop(image, 224).shape == (224, 224, 3)
+
+
+def test_imagenet_eval_crop_is_central_after_resizing_the_shorter_side_to_256():
+  rng = np.random.default_rng(0)
+  # Shorter side already 256: no resampling, just the central 224 x 224.
+  image = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(pipeline._resize_center_crop(image, 224), image[16:240, 48:272])
+  # Shorter side 512: halved (bilinear) first.
+  image = rng.integers(0, 256, (640, 512, 3), dtype=np.uint8)
+  halved = np.asarray(Image.fromarray(image).resize((256, 320), Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(pipeline._resize_center_crop(image, 224), halved[48:272, 16:240])
+
+
+def test_imagenet_train_crops_are_flipped_half_the_time():
+  # A left-to-right ramp: a crop resized keeps it increasing, a flip makes it decreasing.
+  ramp = np.linspace(0, 255, 300).astype(np.uint8)
+  image = np.broadcast_to(ramp[None, :, None], (200, 300, 3)).copy()
+  flipped = []
+  for seed in range(16):
+    crop = pipeline._random_resized_crop_flip(image, np.random.default_rng(seed), 224)
+    steps = np.diff(crop[0, :, 0].astype(int))
+    assert np.all(steps >= 0) or np.all(steps <= 0), seed
+    flipped.append(bool(np.all(steps <= 0)))
+  assert 0 < sum(flipped) < len(flipped)
 
 
 # pylint: enable=protected-access

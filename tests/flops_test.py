@@ -166,8 +166,13 @@ def test_pure_function_and_linen():
 
 
 def test_str_lists_layers():
-  text = str(dpm_jax.count_flops(_conv(3, 8, 3), jnp.zeros((1, 10, 10, 3))))
-  assert "21,600 MACs = 43,200 FLOPs (2 x MACs), 224 params" in text
+  model = _abstract(lambda: FlattenNet(nnx.Rngs(0)))
+  lines = str(dpm_jax.count_flops(model, jnp.zeros((1, 8, 8, 2)))).splitlines()
+  # A header, one row per layer (name, op, MACs) in forward order, then the total.
+  assert [l.split() for l in lines[:-1]] == [
+      ["layer", "op", "MACs"], ["conv/kernel", "conv", "1,728"],
+      ["dense/kernel", "dot_general", "480"]]
+  assert lines[-1] == "total: 2,208 MACs = 4,416 FLOPs (2 x MACs), 599 params"
 
 
 # ----------------------------------------------------------------------------------------

@@ -223,20 +223,34 @@ def test_train_and_eval_mode():
   assert not np.allclose(train_logits, eval_logits)
 
 
+def _assert_kaiming_fan_out(kernel: jax.Array, fan_out: int) -> None:
+  """``kernel`` looks drawn from an untruncated N(0, 2 / fan_out)."""
+  kernel = np.asarray(kernel)
+  std = math.sqrt(2.0 / fan_out)
+  assert float(kernel.std()) == pytest.approx(std, rel=0.05)
+  # Untruncated: about 1.2% beyond 2.5 standard deviations. A truncated normal (flax's
+  # lecun_normal default) rescaled to this variance never goes past 2.27.
+  assert float(np.mean(np.abs(kernel) > 2.5 * std)) > 0.005
+
+
 def test_conv_init_is_kaiming_fan_out():
   conv = _digits_model().convs[1].conv
   assert conv.bias is None
   assert conv.kernel.shape == (3, 3, 32, 64)
-  fan_out = 3 * 3 * 64
-  std = float(jnp.std(conv.kernel[...]))
-  assert std == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.05)
+  # Here 2 / fan_out equals LeCun's 1 / fan_in: the layer below tells them apart.
+  _assert_kaiming_fan_out(conv.kernel[...], 3 * 3 * 64)
+  # Four times more inputs than outputs: LeCun fan-in (flax's default) would give 1/4 of the
+  # variance, He fan-in 1/2, LeCun fan-out 1/2, fan-avg 2/5.
+  narrowing = models.ConvBN(64, 16, 3, rngs=nnx.Rngs(0)).conv
+  _assert_kaiming_fan_out(narrowing.kernel[...], 3 * 3 * 16)
 
 
 def test_conv1d_init_is_kaiming_fan_out():
-  conv = models.ConvBN(32, 64, 5, spatial_dims=1, rngs=nnx.Rngs(0)).conv
-  assert conv.kernel.shape == (5, 32, 64)
-  std = float(jnp.std(conv.kernel[...]))
-  assert std == pytest.approx(math.sqrt(2.0 / (5 * 64)), rel=0.05)
+  # 64 -> 16 channels: fan-out 5 * 16 is far from fan-in 5 * 64 (32 -> 64 would make He
+  # fan-out and LeCun fan-in agree).
+  conv = models.ConvBN(64, 16, 5, spatial_dims=1, rngs=nnx.Rngs(0)).conv
+  assert conv.kernel.shape == (5, 64, 16)
+  _assert_kaiming_fan_out(conv.kernel[...], 5 * 16)
 
 
 def test_structure_does_not_follow_equal_widths():

@@ -114,10 +114,16 @@ def test_init_is_all_active():
 
 
 def test_state_is_a_pytree_of_fixed_shapes():
+  # A step count and one int8 status per group, whatever the statuses: a jitted step keeps
+  # the same shapes and dtypes (no retrace, no promotion).
+  empty = optax.EmptyState()
+  fresh = state.init((3, 2), empty, empty, empty, empty, empty)
   s = _prune_state([[ACTIVE, DECAYING, PRUNED], [SOFT, ACTIVE]])
-  doubled = jax.tree.map(lambda x: x, s)
-  assert isinstance(doubled, state.PruneState)
-  assert [x.shape for x in jax.tree.leaves(s)] == [x.shape for x in jax.tree.leaves(doubled)]
+  stepped = jax.jit(lambda s: s._replace(count=s.count + 1))(s)
+  assert isinstance(stepped, state.PruneState)
+  for tree in (fresh, s, stepped):
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(tree)] == [
+        ((), jnp.int32), ((3,), jnp.int8), ((2,), jnp.int8)]
 
 
 def test_keep_is_active_and_ratios_are_the_removed_share():
