@@ -19,7 +19,9 @@ reach its outputs; that are mixed by a reduction over the channel axis; that mee
 built inside the model (``iota``, a closed-over constant), the output of an op frozen by
 ``on_unknown='freeze'``, or a static slice or split; and channels contracted between two
 activations (attention's ``q.k`` and ``p.v``: the model may read the width back as
-``1/sqrt(d)``, and ``jax.nn.dot_product_attention`` needs equal widths). ``GroupSpec.fixed``
+``1/sqrt(d)``, and ``jax.nn.dot_product_attention`` needs equal widths); and channels that a
+layer reads though they are not zero when their producers are (after a sigmoid, or a
+BatchNorm without scale and bias: zero flags follow every value). ``GroupSpec.fixed``
 and the spec's listing say, for every parameter axis, which of these kept it whole.
 
 Example:
@@ -299,9 +301,12 @@ GROUPED = "a grouped convolution ties channels across its groups"
 RESHAPED = "split, or merged with another axis, by a reshape (e.g. into attention heads)"
 ATTENTION = ("contracted between two activations (attention-like): the model may read the "
              "width back (1/sqrt(d)) or need equal widths (q, k, v); heads are not pruned yet")
+NONZERO = ("not zero when its producers are (e.g. after a sigmoid, or a normalisation "
+           "without scale and bias): removing it would change what the next layer reads")
 WINDOWED = "pooled or padded along the channel axis"
 SLICED = "sliced along the channel axis"
 Labels = tuple  # per axis: an int array of labels, or None when the axis carries no channels
+Zeros = tuple  # per axis: whether a value is zero at the indices of a pruned channel
 
 
 class _Graph:
@@ -738,6 +743,15 @@ _UNIFORM_KEEPING = _ELEMENTWISE | _REDUCTIONS | frozenset(
 # Contractions: when both operands come from the model's inputs, their channels are fixed.
 _CONTRACTIONS = frozenset(("dot_general", "conv_general_dilated"))
 
+# Zero at a pruned channel stays zero through these (f(0) = 0, elementwise on one operand).
+_ZERO_KEEPING = frozenset("""
+    abs asin asinh atan atanh cbrt ceil convert_element_type copy copy_p erf erf_inv expm1
+    floor imag log1p neg real reduce_precision round sign sin sinh sqrt square stop_gradient
+    tan tanh bitcast_convert_type sharding_constraint mesh_cast reshard transpose squeeze rev
+    slice dynamic_slice reduce_sum reduce_max reduce_min reduce_window_sum reduce_window_max
+    reduce_window_min cumsum cummax cummin optimization_barrier
+    """.split())
+
 # Ops through which a parameter keeps its identity, so a conv or dense layer downstream still
 # knows which parameter axis it contracts (for member roles).
 _ORIGIN_KEEPING = frozenset("convert_element_type copy copy_p reduce_precision".split())
@@ -755,28 +769,161 @@ def _sub_jaxpr(eqn):
   return None
 
 
-def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
-               rules: Mapping[str, Callable[..., Any]], in_data: Sequence[bool]):
-  """Labels every value of ``jaxpr``; returns the outputs' labels, origins and data flags.
+def _literal(v) -> float | None:
+  """The value of a scalar literal operand, else None."""
+  if isinstance(v, jcore.Literal) and np.ndim(v.val) == 0:
+    return float(v.val)
+  return None
 
-  ``in_data`` says which inputs depend on the model's inputs (not only on parameters).
+
+def _zeros_out(tr: _Trace, eqn, ins: list[Labels], zin: list[Zeros],
+               known_zero: list[bool]) -> list[Zeros]:
+  """Per output and axis: whether the output is zero at the indices of that axis whose
+  channel is pruned (its producer slices zero), given the same of the operands (``zin``)
+  and which operands are zero everywhere (``known_zero``).
+
+  Unknown ops give ``False``, so that the channels they pass are fixed where a layer reads
+  them (``_check_zero``).
+  """
+  name = eqn.primitive.name
+  ndims = [len(getattr(v.aval, "shape", ())) for v in eqn.outvars]
+  unknown = [(False,) * n for n in ndims]
+  nd = ndims[0] if ndims else 0
+  lits = [_literal(v) for v in eqn.invars]
+
+  def at(i: int, ax: int) -> bool:  # operand i is zero at a pruned channel of axis ax
+    l = ins[i][ax]
+    # An opaque axis holds no prunable channel (whatever meets it is fixed): vacuously so.
+    return known_zero[i] or (l is not None and (zin[i][ax] or tr.graph.is_opaque(l)))
+
+  same = [i for i, l in enumerate(ins) if len(l) == nd]
+  scalars = [i for i in range(len(ins)) if i not in same]
+  if name in _ZERO_KEEPING or (name == "integer_pow" and eqn.params["y"] > 0):
+    if name == "transpose":
+      return [tuple(zin[0][p] for p in eqn.params["permutation"])]
+    if name in _REDUCTIONS:
+      axes = set(eqn.params["axes"])
+      return [tuple(z for a, z in enumerate(zin[0]) if a not in axes)]
+    if name == "squeeze":
+      dims = {d % len(zin[0]) for d in eqn.params["dimensions"]}
+      return [tuple(z for a, z in enumerate(zin[0]) if a not in dims)]
+    if len(ndims) == 1 and nd == len(zin[0]):
+      return [zin[0]]
+    return unknown
+  if name == "mul":  # zero where any factor is
+    if any(known_zero[i] or lits[i] == 0.0 for i in scalars):
+      return [(True,) * nd]
+    return [tuple(any(at(i, ax) for i in same) for ax in range(nd))]
+  if name == "div" and 0 in same:
+    return [tuple(at(0, ax) for ax in range(nd))]
+  if name in ("add", "add_any", "sub", "max", "min", "select_n", "clamp"):
+    if name == "clamp":  # clamp(lo, x, hi) with lo <= 0 <= hi keeps a zero
+      lo, hi = lits[0], lits[2]
+      if len(ins[1]) != nd or lo is None or hi is None or not lo <= 0.0 <= hi:
+        return unknown
+      operands = [1]
+    else:
+      operands = [i for i in same if not (name == "select_n" and i == 0)]
+      for i in scalars:  # a scalar operand must keep zero at zero
+        lit = lits[i]
+        keeps = (known_zero[i] or lit == 0.0
+                 or (name == "max" and lit is not None and lit <= 0.0)
+                 or (name == "min" and lit is not None and lit >= 0.0))
+        if not keeps and not (name == "select_n" and i == 0):
+          return unknown
+    return [tuple(all(at(i, ax) for i in operands) for ax in range(nd))]
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lfree = [a for a in range(len(ins[0])) if a not in lc and a not in lb]
+    rfree = [b for b in range(len(ins[1])) if b not in rc and b not in rb]
+    return [tuple([at(0, a) or at(1, b) for a, b in zip(lb, rb)] + [at(0, a) for a in lfree]
+                  + [at(1, b) for b in rfree])]
+  if name == "conv_general_dilated":
+    dn = eqn.params["dimension_numbers"]
+    out = [False] * nd
+    out[dn.out_spec[0]] = at(0, dn.lhs_spec[0])
+    out[dn.out_spec[1]] = at(1, dn.rhs_spec[0])
+    return [tuple(out)]
+  if name == "broadcast_in_dim":
+    out = [known_zero[0]] * nd
+    shape_in = eqn.invars[0].aval.shape
+    for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+      if shape_in[i] == eqn.outvars[0].aval.shape[d]:
+        out[d] = at(0, i)
+    return [tuple(out)]
+  if name == "reshape":
+    out = [known_zero[0]] * nd
+    shape_in, shape_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    for bi, bo in _reshape_blocks(shape_in, shape_out):
+      channels = [a for a in bi if ins[0][a] is not None and not tr.graph.is_opaque(ins[0][a])]
+      for a in bo:
+        out[a] = all(at(0, c) for c in channels) if channels else known_zero[0]
+    return [tuple(out)]
+  if name == "concatenate":
+    return [tuple(all(at(i, ax) for i in same) for ax in range(nd))]
+  if name == "pad":
+    if not (known_zero[1] or lits[1] == 0.0):
+      return unknown
+    return [zin[0]]
+  if name == "split":
+    return [zin[0]] * len(ndims)
+  return unknown
+
+
+def _check_zero(tr: _Trace, eqn, ins: list[Labels], zin: list[Zeros], origins) -> None:
+  """Fixes the channels a layer contracts that are not zero when pruned: removing them
+  would change what the layer computes (surgery is exact only for channels that are)."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    contracted = [(0, a) for a in lc] + [(1, b) for b in rc]
+  elif name == "conv_general_dilated":
+    contracted = [(0, eqn.params["dimension_numbers"].lhs_spec[1])]
+  else:
+    return
+  for i, ax in contracted:
+    l = ins[i][ax]
+    if origins[i] is None and l is not None and not zin[i][ax] and not tr.graph.is_opaque(l):
+      tr.graph.fix(l, NONZERO)
+
+
+def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
+               rules: Mapping[str, Callable[..., Any]], in_data: Sequence[bool],
+               in_zeros: Sequence[Zeros]):
+  """Labels every value of ``jaxpr``; returns the outputs' labels, origins, data flags and
+  zero flags.
+
+  ``in_data`` says which inputs depend on the model's inputs (not only on parameters);
+  ``in_zeros``, per input and axis, whether the input is zero at the indices of a pruned
+  channel (parameters: yes; statistics and inputs: no). Zero flags follow the values
+  (``_zeros_out``) so that a layer reading a pruned channel that is not zero (after a
+  sigmoid, say) fixes it (``_check_zero``).
   """
   env: dict[Any, Labels] = {}
   origin: dict[Any, Any] = {}
   data: set[Any] = set()
-  for v, labels, o, d in zip(jaxpr.invars, in_labels, in_origins, in_data):
+  zeros: dict[Any, Zeros] = {}
+  known_zero: set[Any] = set()
+  for v, labels, o, d, z in zip(jaxpr.invars, in_labels, in_origins, in_data, in_zeros):
     env[v] = labels
+    zeros[v] = tuple(z)
     if o is not None:
       origin[v] = o
     if d:
       data.add(v)
   for v in jaxpr.constvars:
     env[v] = tr.graph.opaque(getattr(v.aval, "shape", ()), CONSTANT)
+    zeros[v] = (False,) * len(env[v])
 
   def read(v) -> Labels:
     if isinstance(v, jcore.Literal):
       return _none(v.aval)
     return env[v]
+
+  def read_zeros(v) -> Zeros:
+    if isinstance(v, jcore.Literal):
+      return (False,) * len(getattr(v.aval, "shape", ()))
+    return zeros[v]
 
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
@@ -788,10 +935,14 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
     for o in origins:
       if o is not None:
         tr.use_order.setdefault(o[0], len(tr.use_order))
+    zin = [read_zeros(v) for v in eqn.invars]
+    kz = [not isinstance(v, jcore.Literal) and v in known_zero for v in eqn.invars]
+    sub_zeros = None
     if name in _CONTRACTIONS and all(on_data[:2]):
       for labels in ins[:2]:  # q.k or p.v: keep both operands' channels whole
         for l in labels:
           tr.graph.fix(l, ATTENTION)
+    _check_zero(tr, eqn, ins, zin, origins)
     if not any(_is_labelled(l) for l in ins) and name in _UNIFORM_KEEPING:
       outs = [_none(v.aval) for v in eqn.outvars]
     elif not any(_is_labelled(l) for l in ins) and name not in _CALLS:
@@ -799,13 +950,17 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
     elif name in rules:
       res = rules[name](tr, eqn, ins, origins)
       outs = res if isinstance(res, list) else [res]
+      if name not in _RULES:  # a user's rule is trusted to keep zero where its operands do
+        z = all(all(zs) for zs, l in zip(zin, ins) if _is_labelled(l))
+        sub_zeros = [(z,) * len(labels) for labels in outs]
     elif name in _ELEMENTWISE:
       res = _elementwise(tr, ins, len(eqn.outvars[0].aval.shape))
       outs = [res] * len(eqn.outvars)
       if name in _ORIGIN_KEEPING and origins[0] is not None:
         origin[eqn.outvars[0]] = origins[0]
     elif name in _CALLS and (sub := _sub_jaxpr(eqn)) is not None:
-      outs, sub_origins, sub_data = _propagate(tr, sub, ins, origins, rules, on_data)
+      outs, sub_origins, sub_data, sub_zeros = _propagate(tr, sub, ins, origins, rules, on_data,
+                                                          zin)
       for v, o, d in zip(eqn.outvars, sub_origins, sub_data):
         if o is not None:
           origin[v] = o
@@ -826,12 +981,19 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
           "or declare groups by hand with GroupSpec.with_groups.")
     for v, labels in zip(eqn.outvars, outs):
       env[v] = tuple(labels)
+    out_zeros = sub_zeros or _zeros_out(tr, eqn, ins, zin, kz)
+    for v, z in zip(eqn.outvars, out_zeros):
+      zeros[v] = tuple(z)
+    if name in ("broadcast_in_dim", "convert_element_type", "reshape") and (
+        kz[0] or _literal(eqn.invars[0]) == 0.0):
+      known_zero.add(eqn.outvars[0])  # zeros_like and friends
     if name in ("transpose",) and origins[0] is not None:
       path, amap = origins[0]
       origin[eqn.outvars[0]] = (path, tuple(amap[p] for p in eqn.params["permutation"]))
   return ([read(v) for v in jaxpr.outvars],
           [None if isinstance(v, jcore.Literal) else origin.get(v) for v in jaxpr.outvars],
-          [not isinstance(v, jcore.Literal) and v in data for v in jaxpr.outvars])
+          [not isinstance(v, jcore.Literal) and v in data for v in jaxpr.outvars],
+          [read_zeros(v) for v in jaxpr.outvars])
 
 
 def _params_reaching(tr: _Trace, ins: list[Labels]) -> set[str]:
@@ -1047,7 +1209,11 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=No
       in_origins.append(None)
     in_labels.append(labels)
   in_data = [i >= n_vars for i in range(len(jaxpr.invars))]
-  outs, _, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules, in_data)
+  # Parameters are zero at a pruned channel (zero_channels zeroes the producer slices, and
+  # consumer slices are contracted away); statistics and the inputs are not.
+  in_zeros = [(i < n_vars and not is_statistic(paths[i]),) * len(v.aval.shape)
+              for i, v in enumerate(jaxpr.invars)]
+  outs, _, _, _ = _propagate(tr, jaxpr, in_labels, in_origins, all_rules, in_data, in_zeros)
   for labels in outs:
     for l in labels:
       graph.fix(l, TO_OUTPUT)  # channels that reach the outputs are not prunable
@@ -1088,7 +1254,8 @@ def trace_groups_fn(apply_fn: Callable[..., Any], variables: Any, *example_input
     *example_inputs: example inputs; only shapes and dtypes are used.
     is_statistic: which variable paths hold statistics (BatchNorm mean/var): they are sliced
       with their channel but are neither producers nor consumers.
-    rules: extra or overriding rules, ``{primitive_name: rule(trace, eqn, in_labels, origins)}``.
+    rules: extra or overriding rules, ``{primitive_name: rule(trace, eqn, in_labels, origins)}``;
+      a rule's op is trusted to give zero where its operands are zero at a pruned channel.
     on_unknown: ``'error'`` (default) raises on a primitive the tracer does not know;
       ``'freeze'`` keeps every channel that reaches it unprunable.
 

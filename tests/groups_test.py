@@ -623,11 +623,17 @@ def test_summary_and_describe():
   lines = str(spec).splitlines()
   assert lines[0] == "GroupSpec: 3 groups, 224 channels"
   # One row per group: index, size, producers (kernel, BN scale and bias), consumers, name.
-  assert [l.split() for l in lines[1:]] == [
+  assert [l.split() for l in lines[1:6]] == [
       ["#", "size", "producers", "consumers", "name"],
       ["0", "32", "3", "1", "convs/0/conv/kernel"],
       ["1", "64", "3", "1", "convs/1/conv/kernel"],
-      ["2", "128", "2", "1", "dense/0/kernel"]]
+      ["2", "128", "2", "1", "dense/0/kernel"],
+      ["not", "prunable:"]]
+  # Then every parameter axis kept whole, and why.
+  assert lines[6:] == [
+      "  convs/0/conv/kernel axis 2 (1 channels): comes from the model's input",
+      "  head/bias axis 0 (10 channels): reaches the model's output",
+      "  head/kernel axis 1 (10 channels): reaches the model's output"]
   description = spec.describe()
   assert "consumer  dense/0/kernel axis 0 [0:64] x16 stride 64" in description
   assert "statistic convs/0/bn/mean axis 0 [0:32]" in description

@@ -133,8 +133,51 @@ def test_array_built_inside_the_model_fixes_what_it_meets():
   assert spec.groups == ()
   assert "meets an array built inside the model" in str(spec)
   # A scalar or a broadcast constant does not vary along the channels: still prunable.
-  g = lambda v, x: jax.nn.relu(x @ v["w1"] + jnp.full((8,), 0.5)) @ v["w2"]
+  g = lambda v, x: jax.nn.relu(x @ v["w1"] * jnp.full((8,), 0.5)) @ v["w2"]
   assert dpm_jax.trace_groups_fn(g, v, jnp.zeros((2, 4))).sizes == (8,)
+
+
+@pytest.mark.parametrize("activation, prunable", [
+    (jax.nn.relu, True), (jax.nn.gelu, True), (jax.nn.silu, True), (jax.nn.relu6, True),
+    (jnp.tanh, True), (lambda h: jax.nn.leaky_relu(h, 0.1), True),
+    (jax.nn.sigmoid, False), (jax.nn.softplus, False), (lambda h: jax.nn.relu(h + 0.5), False),
+    (jnp.cos, False)])
+def test_channels_that_are_not_zero_when_pruned_are_fixed(activation, prunable):
+  # sigmoid(0) = 0.5: a pruned channel would still feed 0.5 * its row into the next layer.
+  def f(v, x):
+    return activation(x @ v["w1"] + v["b1"]) @ v["w2"]
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  v = {"w1": jax.random.normal(keys[0], (4, 8)), "b1": jax.random.normal(keys[1], (8,)),
+       "w2": jax.random.normal(keys[2], (8, 3))}
+  spec = dpm_jax.trace_groups_fn(f, v, jnp.zeros((2, 4)))
+  if not prunable:
+    assert spec.groups == ()
+    assert "w2 axis 0 (8 channels): not zero when its producers are" in str(spec)
+    return
+  assert spec.sizes == (8,)
+  keep = [np.arange(8) % 3 != 0]
+  x = jax.random.normal(keys[1], (5, 4))
+  dpm_jax.remove_channels_fn(v, spec, keep, apply_fn=f, sample=x, tolerance=1e-6)
+
+
+class _AffineFreeNorm(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, use_scale=False, use_bias=False, use_running_average=True,
+                              rngs=rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.mean(nnx.relu(self.norm(self.conv(x))), axis=(1, 2)))
+
+
+def test_batchnorm_without_scale_and_bias_keeps_its_channels():
+  # (0 - mean) / std is not zero: the channel's running statistics keep it alive.
+  model = _AffineFreeNorm(nnx.Rngs(0))
+  model.norm.mean[...] = jnp.linspace(-1.0, 1.0, 8)
+  spec = dpm_jax.trace_groups(model, jnp.zeros((1, 6, 6, 3)))
+  assert spec.groups == ()
 
 
 def _mlp():
