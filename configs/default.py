@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'hard' (base method), 'soft' (SFP's base), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
   pruning.removal = 'dpm'
   pruning.target_flops = 0.5  # Fraction of the dense network's FLOPs that remains.
+  # Every group keeps a multiple of this many channels (or all of them). 1: any width. On
+  # GPUs 8 and on TPUs 128 (the lanes) let the pruned layers run at full speed; uneven widths
+  # can make a pruned network no faster than the dense one.
+  pruning.round_to = 1
   pruning.min_channels = 1  # Never leave a group with fewer channels than this...
   # ... or than this fraction of its channels; None: the method's ('gate_decorator': 0.1, else 0).
   pruning.min_fraction = ml_collections.config_dict.placeholder(float)

@@ -29,3 +29,9 @@ def test_config_is_valid(name):
 def test_the_demo_config_prunes():
   config = importlib.import_module('configs.digits_dpm').get_config()
   assert config.pruning.enabled and config.pruning.removal == 'dpm'
+
+
+def test_the_gpu_config_rounds_widths_to_multiples_of_8():
+  config = importlib.import_module('configs.cifar10_resnet56_dpm_gpu').get_config()
+  steps_per_epoch = NUM_TRAIN[config.dataset] // config.batch_size
+  assert pruning.recipe_from_config(config.pruning, steps_per_epoch).round_to == 8

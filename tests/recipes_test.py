@@ -91,7 +91,7 @@ def test_an_option_no_part_takes_is_an_error_naming_what_they_take():
 def test_option_names_follow_the_chosen_parts():
   assert recipes.option_names("depgraph", removal="hard") == {
       "start_step", "end_step", "num_events", "min_channels", "min_fraction",
-      "flops_tolerance", "normalize", "sparse_learning", "reg", "alpha"}
+      "flops_tolerance", "normalize", "sparse_learning", "reg", "alpha", "round_to"}
   # Parts inside parts: OTOv2's projection hands channels to the removal named.
   assert {"eps", "lmbda", "decay_steps"} <= recipes.option_names("otov2", removal="dpm_sp")
   assert "weights_only" in recipes.option_names("depgraph", criterion="l2")
@@ -297,6 +297,7 @@ def _option_defaults(method: str, removal: str | None) -> dict[str, object]:
           todo.append(value)
         else:
           out.setdefault(f.name, f.default if f.default is None else value)
+  out["round_to"] = recipe.round_to  # the recipe's own
   for name, p in inspect.signature(recipes.PRESETS[method]).parameters.items():
     if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
       out.setdefault(name, p.default)

@@ -43,7 +43,8 @@ from dpm_jax.pruning.base import Allocation, Context, State, check_float, check_
 
 __all__ = ["GuardedAllocation", "Global", "Uniform", "Adaptive", "min_keep", "check_reachable",
            "normalize", "select_global", "select_uniform", "select_by_ratios",
-           "weight_sparsity", "channel_sparsity", "adaptive_ratios"]
+           "weight_sparsity", "channel_sparsity", "adaptive_ratios", "round_multiples",
+           "rounded_minimum", "round_widths"]
 
 
 def min_keep(spec: GroupSpec, min_channels: int, min_fraction: float) -> np.ndarray:
@@ -422,3 +423,134 @@ class Adaptive(GuardedAllocation):
                                 jnp.asarray(self.minimum(ctx.spec)), ratios, upper,
                                 self.iterations)
     return selected, state
+
+
+def round_multiples(spec: GroupSpec, round_to: int | tuple[int, ...]) -> np.ndarray:
+  """``[G]`` the width multiple of every group from a recipe's ``round_to`` (one for all,
+  or one per group); raises ``ValueError`` for a tuple of the wrong length."""
+  if isinstance(round_to, int):
+    return np.full(len(spec.groups), round_to, np.int32)
+  if len(round_to) != len(spec.groups):
+    raise ValueError(f"round_to has {len(round_to)} entries but the model has "
+                     f"{len(spec.groups)} channel groups: give one multiple for all, or one "
+                     "per group in the spec's order (print(spec) lists them).")
+  return np.asarray(round_to, np.int32)
+
+
+def rounded_minimum(sizes: np.ndarray, minimum: np.ndarray, multiples: np.ndarray) -> np.ndarray:
+  """``[G]`` the fewest channels a group may keep when its width is a multiple of
+  ``multiples`` (or its full width): the smallest such width at or above ``minimum``."""
+  up = -(-minimum // multiples) * multiples
+  return np.where(up >= sizes, sizes, up).astype(np.int32)
+
+
+def round_widths(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
+                 removed: jax.Array, selected: jax.Array, target_macs: jax.Array,
+                 minimum: np.ndarray, multiples: np.ndarray) -> jax.Array:
+  """Moves an allocation's ``selected`` channels so that every group keeps a multiple of
+  its ``multiples`` entry (or its full width), with the MACs still at or under the target.
+
+  Each group starts at the allowed width at or above what the allocation left it (fewer
+  channels removed; never more than it had before the event), then, while the MACs are
+  over the target, one group steps down one multiple: the step that lands closest under
+  the target if one does, else the one losing the least important channels (mean score,
+  normalised by the group's mean); last, groups step back up while the target holds. Within a group the
+  least important channels go, candidates before others. Our reading of Torch-Pruning's
+  ``round_to`` for a FLOPs target: widths that accelerators run faster (multiples of 8 on
+  GPUs, 128 on TPU lanes).
+
+  Args:
+    model: the FLOPs model.
+    scores: ``[K]`` importance.
+    candidates: ``[K]`` channels the removal prefers to select.
+    removed: ``[K]`` channels already gone before the event.
+    selected: ``[K]`` the allocation's selection (``removed`` included).
+    target_macs: the MACs to reach.
+    minimum: ``[G]`` fewest channels per group (the allocation's guard).
+    multiples: ``[G]`` the width multiple of every group.
+
+  Returns:
+    ``[K]`` the rounded selection (``removed`` included).
+  """
+  seg = jnp.asarray(model.segment_ids)
+  num_groups = len(multiples)
+  sizes = np.bincount(np.asarray(model.segment_ids), minlength=num_groups).astype(np.int32)
+  m = jnp.asarray(multiples)
+  lowest = jnp.asarray(rounded_minimum(sizes, np.asarray(minimum), np.asarray(multiples)))
+  sizes_j = jnp.asarray(sizes)
+  available = ~removed
+  avail = _group_counts(seg, available, num_groups)          # widths before the event
+  kept = _group_counts(seg, ~selected, num_groups)           # the allocation's widths
+
+  def allowed_up(w):
+    r = -(-w // m) * m
+    return jnp.where(r >= sizes_j, sizes_j, r)
+
+  def allowed_down(w):
+    return jnp.where(w >= sizes_j, sizes_j, (w // m) * m)
+
+  # Up may not pass the width before the event (a channel given back leaves a group one
+  # over a multiple: it goes back down to one).
+  up = allowed_up(jnp.maximum(kept, lowest))
+  up = jnp.where(up <= avail, up, jnp.maximum(allowed_down(avail), jnp.minimum(lowest, avail)))
+  # Rank the available channels of each group, least important first, candidates first.
+  tier = jnp.where(candidates, 0, 1)
+  order = jnp.lexsort((jnp.where(available, scores, jnp.inf), tier, ~available, seg))
+  seg_sorted = seg[order]
+  first = jnp.searchsorted(seg_sorted, jnp.arange(num_groups))
+  rank = jnp.zeros_like(seg).at[order].set(jnp.arange(seg.shape[0]) - first[seg_sorted])
+  norm = normalize_scores(seg, scores, available, num_groups)
+
+  def selection(widths):
+    return removed | (available & (rank < (avail - widths)[seg]))
+
+  def macs_of(widths):
+    return model.macs(~selection(widths))
+
+  def step_down(widths):
+    return jnp.maximum(allowed_down(widths - 1), jnp.minimum(lowest, widths))
+
+  eye = jnp.eye(num_groups, dtype=bool)
+
+  def go_down(_, widths):
+    # While over the target, one group steps down one multiple: the step that lands
+    # closest under the target if one does, else the one losing the least important
+    # channels (mean score over the group's mean).
+    lower = step_down(widths)
+    trials = jnp.where(eye, lower[None, :], widths[None, :])             # [G, G]
+    macs = jax.vmap(macs_of)(trials)                                     # [G]
+    open_ = lower < widths
+    lands = open_ & (macs <= target_macs)
+    losing = (available & (rank >= (avail - widths)[seg])
+              & (rank < (avail - lower)[seg]))
+    lost = jax.ops.segment_sum(jnp.where(losing, norm, 0.0), seg, num_groups)
+    count = jax.ops.segment_sum(losing.astype(jnp.float32), seg, num_groups)
+    cost = jnp.where(open_, lost / jnp.maximum(count, 1.0), jnp.inf)
+    g = jnp.where(jnp.any(lands), jnp.argmax(jnp.where(lands, macs, -jnp.inf)),
+                  jnp.argmin(cost))
+    over = macs_of(widths) > target_macs
+    return jnp.where(over & jnp.any(open_), trials[g], widths)
+
+  # At most every multiple of every group, one at a time.
+  steps = int(np.sum(-(-sizes // np.asarray(multiples)))) + num_groups
+  widths = jax.lax.fori_loop(0, steps, go_down, up)
+
+  def come_back(i, widths):
+    # Steps back up, one multiple at a time, while the target holds (up to the width the
+    # group had before the event).
+    g = i % num_groups
+    higher = jnp.minimum(allowed_up(widths + 1), jnp.maximum(allowed_down(avail), widths))
+    trial = widths.at[g].set(higher[g])
+    return jnp.where(macs_of(trial) <= target_macs, trial, widths)
+
+  widths = jax.lax.fori_loop(0, steps, come_back, widths)
+  return selection(widths)
+
+
+def normalize_scores(seg: jax.Array, scores: jax.Array, where: jax.Array,
+                     num_groups: int) -> jax.Array:
+  """``scores`` over their group's mean over ``where`` (``normalize`` on segment ids)."""
+  total = jax.ops.segment_sum(jnp.where(where, scores, 0.0), seg, num_groups)
+  count = jax.ops.segment_sum(where.astype(jnp.float32), seg, num_groups)
+  mean = total / jnp.maximum(count, 1.0)
+  return scores / jnp.maximum(mean[seg], 1e-12)

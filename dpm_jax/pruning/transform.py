@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from dpm_jax.groups import STATISTIC, GroupSpec, Path, path_str
+from dpm_jax.pruning import allocations
 from dpm_jax.pruning import state as state_lib
 from dpm_jax.pruning.base import ACTIVE, Context, Step
 from dpm_jax.pruning.recipes import Recipe
@@ -111,6 +112,14 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     raise TypeError(f"recipe must be a dpm_jax.recipes.Recipe, got {type(recipe).__name__}.")
   ctx = Context.build(spec, recipe.target_flops, prefix)
   recipe.allocation.check(ctx)
+  multiples = allocations.round_multiples(spec, recipe.round_to)
+  rounding = bool((multiples > 1).any())
+  minimum = np.asarray(getattr(recipe.allocation, "minimum", lambda s: np.ones(len(s.sizes),
+                                                                               np.int32))(spec))
+  if rounding:
+    allocations.check_reachable(
+        ctx.flops, spec, allocations.rounded_minimum(np.asarray(spec.sizes), minimum, multiples),
+        recipe.target_flops, guard=f"round_to={recipe.round_to} with the allocation's guard")
   criterion, allocation, schedule, removal = (recipe.criterion, recipe.allocation,
                                                recipe.schedule, recipe.removal)
   regularizer = recipe.regularizer
@@ -138,9 +147,13 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
                                                     target_macs, params)
     # The removal's candidates are a preference (cooldown, protection); the target is not:
     # when they cannot meet it, every active channel is a candidate.
-    preferred = allocate(removal.candidates(ctx, rem_st, status, count) & active)
+    candidates = removal.candidates(ctx, rem_st, status, count) & active
+    preferred = allocate(candidates)
     short = ctx.macs(~preferred[0]) > target_macs * (1 + 1e-6)
     selected, alloc_st = jax.lax.cond(short, lambda: allocate(active), lambda: preferred)
+    if rounding:  # every group's width a multiple of its round_to
+      selected = allocations.round_widths(ctx.flops, scores, candidates, removed, selected,
+                                          target_macs, minimum, multiples)
     new = selected & ~removed
     status, rem_st = removal.mark(ctx, rem_st, status, new, params)
     return status, (crit_st, alloc_st, rem_st), new
