@@ -68,6 +68,7 @@ RECIPES: dict[str, tuple[Callable[[], dpm_jax.Recipe], bool]] = {
     "depgraph_soft": (lambda: _recipe("soft"), False),
     "depgraph_dpm_sp": (lambda: _recipe("dpm_sp"), True),
     "depgraph_dpm": (lambda: _recipe("dpm"), True),
+    "depgraph_dpm_round_to": (lambda: _recipe("dpm", round_to=4), True),
     "magnitude_hard": (lambda: recipes.magnitude(0.5, start_step=1), True),
     "sfp_soft": (lambda: recipes.sfp(0.5, start_step=0, end_step=4, interval=2), False),
     "sfp_soft_global_producers": (lambda: recipes.sfp(
