@@ -45,6 +45,9 @@ def _run(spec, params, recipe, steps: int):
     ("magnitude", {}),
     ("psap", {"interval": 2, "end_step": 4}),
     ("otov2", {"eps": 0.0}),
+    ("sfp", {"interval": 2, "end_step": 4}),
+    ("gate_decorator", {"tick_steps": 1, "ticks_per_tock": 3, "tock_steps": 1,
+                        "tick_fraction": 0.25, "end_step": 12}),
 ])
 def test_every_width_is_a_multiple_and_the_target_holds(method, options):
   spec, params = _spec_and_params()
