@@ -188,8 +188,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
   return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval_step(graphdef: nnx.GraphDef) -> EvalStepFn:
-  """`eval_step` for one model (its eval-mode graph definition), jitted."""
+  """`eval_step` for one model (its eval-mode graph definition), jitted; one per graph, so
+  that phases evaluating the same model (pretrain and prune; after surgery and fine-tune)
+  compile it once."""
   return jax.jit(functools.partial(eval_step, graphdef=graphdef))
 
 
