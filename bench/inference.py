@@ -28,6 +28,7 @@ from flax import nnx
 
 import dpm_jax
 from bench.overhead import SHAPES
+from bench.surgery import _forward as forward
 from dpm_jax import channels
 from dpm_jax import models
 from dpm_jax.flops import FlopsModel
@@ -48,14 +49,9 @@ def pruned_keep(spec: dpm_jax.GroupSpec, params, budget: float, round_to: int) -
                                        jnp.asarray(minimum),
                                        tolerance_macs=0.005 * model.dense_macs)
   if round_to > 1:
-    selected = allocations.round_widths(model, scores, everything, none, selected, target,
-                                        minimum, np.full(len(spec.groups), round_to))
+    selected = allocations.round_widths(model, index, scores, everything, none, selected,
+                                        target, minimum, np.full(len(spec.groups), round_to))
   return [np.asarray(~s) for s in channels.split(index, selected)]
-
-
-def forward(model: nnx.Module):
-  graphdef, state = nnx.split(model)
-  return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
 
 
 def bench_model(name: str, budgets, multiples, batch: int, repetitions: int) -> None:

@@ -937,7 +937,7 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
         tr.use_order.setdefault(o[0], len(tr.use_order))
     zin = [read_zeros(v) for v in eqn.invars]
     kz = [not isinstance(v, jcore.Literal) and v in known_zero for v in eqn.invars]
-    sub_zeros = None
+    given_zeros = None  # zero flags a call's body or a user's rule gives its outputs
     if name in _CONTRACTIONS and all(on_data[:2]):
       for labels in ins[:2]:  # q.k or p.v: keep both operands' channels whole
         for l in labels:
@@ -952,15 +952,15 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
       outs = res if isinstance(res, list) else [res]
       if name not in _RULES:  # a user's rule is trusted to keep zero where its operands do
         z = all(all(zs) for zs, l in zip(zin, ins) if _is_labelled(l))
-        sub_zeros = [(z,) * len(labels) for labels in outs]
+        given_zeros = [(z,) * len(labels) for labels in outs]
     elif name in _ELEMENTWISE:
       res = _elementwise(tr, ins, len(eqn.outvars[0].aval.shape))
       outs = [res] * len(eqn.outvars)
       if name in _ORIGIN_KEEPING and origins[0] is not None:
         origin[eqn.outvars[0]] = origins[0]
     elif name in _CALLS and (sub := _sub_jaxpr(eqn)) is not None:
-      outs, sub_origins, sub_data, sub_zeros = _propagate(tr, sub, ins, origins, rules, on_data,
-                                                          zin)
+      outs, sub_origins, sub_data, given_zeros = _propagate(tr, sub, ins, origins, rules,
+                                                            on_data, zin)
       for v, o, d in zip(eqn.outvars, sub_origins, sub_data):
         if o is not None:
           origin[v] = o
@@ -981,7 +981,7 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
           "or declare groups by hand with GroupSpec.with_groups.")
     for v, labels in zip(eqn.outvars, outs):
       env[v] = tuple(labels)
-    out_zeros = sub_zeros or _zeros_out(tr, eqn, ins, zin, kz)
+    out_zeros = given_zeros or _zeros_out(tr, eqn, ins, zin, kz)
     for v, z in zip(eqn.outvars, out_zeros):
       zeros[v] = tuple(z)
     if name in ("broadcast_in_dim", "convert_element_type", "reshape") and (

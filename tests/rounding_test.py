@@ -78,7 +78,8 @@ def test_round_widths_keeps_the_important_channels_and_meets_the_target():
   # The allocation left widths 7 and 11 (its least important channels gone).
   selected = jnp.concatenate([jnp.arange(10) < 3, jnp.arange(16) < 5])
   target = float(model.macs(~selected))
-  out = allocations.round_widths(model, scores, jnp.ones(k, bool), removed, selected,
+  index = dpm_jax.channels.ChannelIndex.build(spec)
+  out = allocations.round_widths(model, index, scores, jnp.ones(k, bool), removed, selected,
                                  jnp.float32(target), np.array([1, 1]), np.array([4, 8]))
   out = np.asarray(out)
   widths = [int((~out[:10]).sum()), int((~out[10:]).sum())]
@@ -89,7 +90,7 @@ def test_round_widths_keeps_the_important_channels_and_meets_the_target():
     n = int(part.sum())
     assert part[:n].all() and not part[n:].any()
   # Multiples of 1 change nothing.
-  same = allocations.round_widths(model, scores, jnp.ones(k, bool), removed, selected,
+  same = allocations.round_widths(model, index, scores, jnp.ones(k, bool), removed, selected,
                                   jnp.float32(target), np.array([1, 1]), np.array([1, 1]))
   np.testing.assert_array_equal(same, selected)
 

@@ -444,9 +444,10 @@ def rounded_minimum(sizes: np.ndarray, minimum: np.ndarray, multiples: np.ndarra
   return np.where(up >= sizes, sizes, up).astype(np.int32)
 
 
-def round_widths(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
-                 removed: jax.Array, selected: jax.Array, target_macs: jax.Array,
-                 minimum: np.ndarray, multiples: np.ndarray) -> jax.Array:
+def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Array,
+                 candidates: jax.Array, removed: jax.Array, selected: jax.Array,
+                 target_macs: jax.Array, minimum: np.ndarray,
+                 multiples: np.ndarray) -> jax.Array:
   """Moves an allocation's ``selected`` channels so that every group keeps a multiple of
   its ``multiples`` entry (or its full width), with the MACs still at or under the target.
 
@@ -461,6 +462,7 @@ def round_widths(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
 
   Args:
     model: the FLOPs model.
+    index: the channel index (for normalising scores per group).
     scores: ``[K]`` importance.
     candidates: ``[K]`` channels the removal prefers to select.
     removed: ``[K]`` channels already gone before the event.
@@ -499,7 +501,7 @@ def round_widths(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   seg_sorted = seg[order]
   first = jnp.searchsorted(seg_sorted, jnp.arange(num_groups))
   rank = jnp.zeros_like(seg).at[order].set(jnp.arange(seg.shape[0]) - first[seg_sorted])
-  norm = normalize_scores(seg, scores, available, num_groups)
+  norm = normalize(index, scores, where=available)
 
   def selection(widths):
     return removed | (available & (rank < (avail - widths)[seg]))
@@ -546,11 +548,3 @@ def round_widths(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   widths = jax.lax.fori_loop(0, steps, come_back, widths)
   return selection(widths)
 
-
-def normalize_scores(seg: jax.Array, scores: jax.Array, where: jax.Array,
-                     num_groups: int) -> jax.Array:
-  """``scores`` over their group's mean over ``where`` (``normalize`` on segment ids)."""
-  total = jax.ops.segment_sum(jnp.where(where, scores, 0.0), seg, num_groups)
-  count = jax.ops.segment_sum(where.astype(jnp.float32), seg, num_groups)
-  mean = total / jnp.maximum(count, 1.0)
-  return scores / jnp.maximum(mean[seg], 1e-12)

@@ -170,6 +170,10 @@ class Allocation:
     """Raises ``ValueError`` when ``ctx.target_flops`` cannot be met (before training)."""
     del ctx
 
+  def minimum(self, spec: GroupSpec) -> np.ndarray:
+    """``[G]`` the fewest channels the allocation leaves in each group (default: one)."""
+    return np.ones(len(spec.groups), np.int32)
+
   def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
              removed: jax.Array, target_macs: jax.Array,
              params: Any) -> tuple[jax.Array, State]:

@@ -114,8 +114,7 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
   recipe.allocation.check(ctx)
   multiples = allocations.round_multiples(spec, recipe.round_to)
   rounding = bool((multiples > 1).any())
-  minimum = np.asarray(getattr(recipe.allocation, "minimum", lambda s: np.ones(len(s.sizes),
-                                                                               np.int32))(spec))
+  minimum = np.asarray(recipe.allocation.minimum(spec))
   if rounding:
     allocations.check_reachable(
         ctx.flops, spec, allocations.rounded_minimum(np.asarray(spec.sizes), minimum, multiples),
@@ -152,8 +151,8 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     short = ctx.macs(~preferred[0]) > target_macs * (1 + 1e-6)
     selected, alloc_st = jax.lax.cond(short, lambda: allocate(active), lambda: preferred)
     if rounding:  # every group's width a multiple of its round_to
-      selected = allocations.round_widths(ctx.flops, scores, candidates, removed, selected,
-                                          target_macs, minimum, multiples)
+      selected = allocations.round_widths(ctx.flops, ctx.index, scores, candidates, removed,
+                                          selected, target_macs, minimum, multiples)
     new = selected & ~removed
     status, rem_st = removal.mark(ctx, rem_st, status, new, params)
     return status, (crit_st, alloc_st, rem_st), new
