@@ -180,8 +180,14 @@ class FlopsModel:
     """MACs of the network with ``keep`` channels."""
     return self.macs_of_dims(self.dim_sizes(keep))
 
+  def static_macs(self, keep: np.ndarray) -> float:
+    """``macs(keep)`` on the host, in float64, for a concrete ``keep``: what is decided
+    before training (targets, reachability) costs no device work, even under a trace."""
+    dims = self.fixed.astype(np.float64) + self.weights.astype(np.float64) @ np.asarray(
+        keep, np.float64)
+    full = np.concatenate([dims, [1.0]])
+    return float(np.sum(self.const * np.prod(full[self.layer_dims], axis=1)))
+
   @property
   def dense_macs(self) -> float:
-    # Eager even under a trace: `prune` may be built inside one (optax.inject_hyperparams).
-    with jax.ensure_compile_time_eval():
-      return float(self.macs(jnp.ones(self.weights.shape[1])))
+    return self.static_macs(np.ones(self.weights.shape[1]))

@@ -27,7 +27,7 @@ from dpm_jax.groups import GroupSpec
 from dpm_jax.surgery import check_keep
 
 __all__ = ["Trajectories", "group_rows", "group_ratios", "plot_trajectories", "plot_ratios",
-           "plot_widths", "write_report"]
+           "plot_widths", "write_plots", "write_report"]
 
 
 class Trajectories:
@@ -170,9 +170,33 @@ def plot_widths(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]])
   fig.savefig(path, dpi=120)
 
 
+def write_plots(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequence[Any],
+                trajectories: Trajectories | None = None) -> list[str]:
+  """Draws ``widths.png`` (with trajectories also ``decay.png`` and ``ratios.png``) into
+  ``workdir``; returns the report's markdown lines that show them.
+
+  Separate from ``write_report`` so that a training program can draw them while it goes on
+  (they do not depend on fine-tuning); matplotlib is used without pyplot, so a thread may.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  plot_widths(os.path.join(workdir, "widths.png"), group_rows(spec, keep))
+  lines = ["", "## Plots", "", "![widths before and after](widths.png)", ""]
+  if trajectories is not None and len(trajectories.steps):
+    plot_trajectories(os.path.join(workdir, "decay.png"), trajectories)
+    n_rel = int((trajectories.released > 0).sum())
+    plot_ratios(os.path.join(workdir, "ratios.png"), spec, trajectories)
+    lines += [f"Channel norms during pruning ({n_rel} channels released by self-rectifying "
+              "or restored by protection, in red):", "",
+              "![channel norms during decay](decay.png)", "",
+              "Each group's share of removed channels over the prune phase:", "",
+              "![per-group pruning ratios](ratios.png)", ""]
+  return lines
+
+
 def write_report(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequence[Any], *,
                  title: str, summary: Mapping[str, Any],
-                 trajectories: Trajectories | None = None) -> str:
+                 trajectories: Trajectories | None = None,
+                 plots: Sequence[str] | None = None) -> str:
   """Writes ``report.md`` (and its PNG plots) into ``workdir``; returns the report's path.
 
   Args:
@@ -182,6 +206,8 @@ def write_report(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequenc
     title: the report's heading.
     summary: key facts shown as a list at the top (accuracy, FLOPs, params, ...).
     trajectories: channel norms recorded during pruning, for the decay plot.
+    plots: what ``write_plots`` returned for the same workdir, spec, keep and
+      trajectories, when the plots are drawn already; None draws them now.
   """
   os.makedirs(workdir, exist_ok=True)
   rows = group_rows(spec, keep)
@@ -202,17 +228,8 @@ def write_report(workdir: str | os.PathLike[str], spec: GroupSpec, keep: Sequenc
     lines.append(f"| {r['group']} | `{r['name']}` | {r['channels_before']} | "
                  f"{r['channels_after']} | {r['macs_before']:,} | {r['macs_after']:,} | "
                  f"{r['params_before']:,} | {r['params_after']:,} |")
-  plot_widths(os.path.join(workdir, "widths.png"), rows)
-  lines += ["", "## Plots", "", "![widths before and after](widths.png)", ""]
-  if trajectories is not None and len(trajectories.steps):
-    plot_trajectories(os.path.join(workdir, "decay.png"), trajectories)
-    n_rel = int((trajectories.released > 0).sum())
-    plot_ratios(os.path.join(workdir, "ratios.png"), spec, trajectories)
-    lines += [f"Channel norms during pruning ({n_rel} channels released by self-rectifying "
-              "or restored by protection, in red):", "",
-              "![channel norms during decay](decay.png)", "",
-              "Each group's share of removed channels over the prune phase:", "",
-              "![per-group pruning ratios](ratios.png)", ""]
+  lines += (list(plots) if plots is not None
+            else write_plots(workdir, spec, keep, trajectories))
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -104,6 +104,7 @@ def test_flops_model_agrees_with_spec_cost(name):
     keep = (rng.random(spec.num_channels) < density) | first   # spec_cost: none emptied
     assert _macs(spec, keep) == _fast_macs(spec, keep)
     np.testing.assert_allclose(float(macs(jnp.asarray(keep))), _macs(spec, keep), rtol=rtol)
+    assert model.static_macs(keep) == _macs(spec, keep)  # float64 on the host: exact
   # One group down to its first channel, the others whole.
   for g in range(len(spec.sizes)):
     keep = (_seg(spec) != g) | first

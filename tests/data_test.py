@@ -6,6 +6,7 @@ MNIST-1D are prepared into a temporary data_dir, CIFAR and ImageNet come from
 """
 
 from collections.abc import Iterator
+import dataclasses
 import itertools
 import pathlib
 import random
@@ -207,6 +208,28 @@ def test_eval_iterator_covers_split_once_in_order(digits_dir, split):
   # Padding rows are zeros.
   assert not got['image'][num_real:].any()
   assert not got['label'][num_real:].any()
+
+
+@pytest.mark.parametrize('name', ['digits', 'mnist1d'])
+def test_in_memory_batches_equal_record_by_record_reading(
+    name, digits_dir, mnist1d_dir, monkeypatch
+):
+  data_dir = {'digits': digits_dir, 'mnist1d': mnist1d_dir}[name]
+  kwargs = dict(batch_size=100, seed=4, data_dir=data_dir, start_step=7)
+  fast = _take(data.train_iterator(name, **kwargs), 50)  # Crosses epochs.
+  fast_eval = list(data.eval_iterator(name, batch_size=300, data_dir=data_dir))
+  spec = pipeline._SPECS[name]  # pylint: disable=protected-access
+  assert spec.in_memory
+  monkeypatch.setitem(
+      pipeline._SPECS, name, dataclasses.replace(spec, in_memory=False)  # pylint: disable=protected-access
+  )
+  slow = _take(data.train_iterator(name, **kwargs), 50)
+  _assert_same_batches(fast, slow)
+  slow_eval = list(data.eval_iterator(name, batch_size=300, data_dir=data_dir))
+  _assert_same_batches(fast_eval, slow_eval)
+  for batch in fast + fast_eval:
+    assert {k: v.dtype for k, v in batch.items()} == {
+        'image': np.float32, 'label': np.int32, 'mask': np.float32}
 
 
 def test_worker_processes_give_the_same_batches(digits_dir):

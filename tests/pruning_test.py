@@ -42,10 +42,24 @@ def _config(tmp_path, **pruning_overrides):
 
 
 @pytest.mark.parametrize('removal', ['dpm', 'hard'])
-def test_pruning_run_meets_target_and_writes_report(tmp_path, removal):
+def test_pruning_run_meets_target_and_writes_report(tmp_path, removal, monkeypatch):
   config = _config(tmp_path, removal=removal)
   workdir = tmp_path / 'run'
+  compiled_ahead = []  # Every step compiled in the background, as the run makes them.
+  init = loop.BackgroundCompiledStep.__init__
+
+  def recording_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    compiled_ahead.append(self)
+
+  monkeypatch.setattr(loop.BackgroundCompiledStep, '__init__', recording_init)
   result = train.train_and_evaluate(config, workdir)
+
+  # The prune and fine-tune steps were compiled while the phase before them trained, and
+  # those compiles are what ran (not a fallback compile at the phase's first step).
+  assert len(compiled_ahead) == 2
+  for step in compiled_ahead:
+    assert step._compiled is not None and step._use is step._compiled  # pylint: disable=protected-access
 
   assert abs(result['flops_ratio'] - 0.5) <= 0.01
   assert result['params_ratio'] < 1.0

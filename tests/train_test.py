@@ -102,6 +102,35 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   assert float(sums['count']) == 8.0
 
 
+def test_background_compiled_step_equals_the_jitted_step_and_falls_back():
+  config = _config()
+  graphdefs, params, batch_stats = loop.split_model(_model(config))
+  tx = loop.create_optimizer(config, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = {
+      'image': rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+      'label': rng.integers(0, 10, 8).astype(np.int32),
+  }
+  state_like = loop.abstract_state(jax.eval_shape(
+      lambda p, b: loop.TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
+      params, batch_stats))
+  batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  step_fn = loop.make_train_step(graphdefs.train, tx)
+  ahead = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
+  copy = lambda: jax.tree.map(jnp.array, loop.create_train_state(params, batch_stats, tx))
+  expected, _ = step_fn(copy(), batch)
+  actual, metrics = ahead(copy(), batch)
+  assert ahead._use is ahead._compiled  # pylint: disable=protected-access
+  _assert_trees_equal(jax.device_get(actual), jax.device_get(expected))
+  assert np.isfinite(float(metrics['loss']))
+  # Another batch size than it was compiled for: the jitted step runs instead.
+  other = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
+  half = {k: v[:4] for k, v in batch.items()}
+  state, _ = other(copy(), half)
+  assert other._use is step_fn  # pylint: disable=protected-access
+  _assert_trees_equal(jax.device_get(state), jax.device_get(step_fn(copy(), half)[0]))
+
+
 def test_eval_step_ignores_padding_rows():
   graphdefs, params, batch_stats = loop.split_model(_model(_config()))
   eval_fn = loop.make_eval_step(graphdefs.eval)

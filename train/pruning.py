@@ -8,11 +8,12 @@ well under a second), so a killed run resumes where it stopped and ends with the
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,51 @@ class TrajectoryRecorder:
     return traj
 
 
+class FinetunePlanner:
+  """Compiles the fine-tune step in the background once the prune phase has settled.
+
+  Called after every prune step (with the recorder). At the step after `recipe.last_step`
+  every selected channel is removed (unless self-rectifying or protection changes the
+  selection later), so the pruned model's shapes are known: they are taken from a surgery
+  of that step's params, and the fine-tune step starts compiling while the prune phase
+  trains on. `step_for` hands it out only if the final model has the same graph.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: dpm_jax.GroupSpec,
+               graphdefs: loop.GraphDefs, at_step: int, steps_per_epoch: int):
+    self.config, self.spec, self.graphdefs = config, spec, graphdefs
+    self.at_step, self.steps_per_epoch = at_step, steps_per_epoch
+    self.planned: tuple[loop.GraphDefs, Any, loop.TrainStepFn] | None = None
+
+  def __call__(self, step: int, state: loop.TrainState) -> None:
+    if step != self.at_step:
+      return
+    keep = dpm_jax.keep_masks(state.opt_state)
+    model = _model(self.graphdefs.eval, state.params, state.batch_stats)
+    small_defs, params, stats = loop.split_model(dpm_jax.remove_channels(model, self.spec, keep))
+    tx = loop.create_optimizer(finetune_config(self.config), self.steps_per_epoch)
+    state_like = loop.abstract_state(jax.eval_shape(
+        lambda p, b: loop.TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
+        params, stats))
+    batch = next(loop.train_batches(self.config))
+    batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    step_fn = loop.BackgroundCompiledStep(loop.make_train_step(small_defs.train, tx),
+                                          state_like, batch_like)
+    self.planned = (small_defs, tx, step_fn)
+
+  def step_for(self, graphdefs: loop.GraphDefs) -> tuple[Any, loop.TrainStepFn] | None:
+    """The fine-tune optimizer and step planned for `graphdefs`, or None."""
+    if self.planned is None or self.planned[0] != graphdefs:
+      return None
+    return self.planned[1], self.planned[2]
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  pc = config.pruning
+  return phase_config(config, learning_rate=pc.finetune_learning_rate,
+                      epochs=pc.finetune_epochs, lr_schedule=pc.finetune_lr_schedule)
+
+
 def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
   """`model(x)`, jitted (one compile, rather than one per operation)."""
   graphdef, state = nnx.split(model)
@@ -160,9 +206,47 @@ def _sample_batch(config) -> dict[str, Any]:
   return next(iter(loop.eval_batches(config)))
 
 
+class Plan(NamedTuple):
+  """The prune phase, built before it runs: its channel groups, recipe, optimizer (the
+  recipe inside the phase's optimizer) and jitted train step."""
+
+  spec: dpm_jax.GroupSpec
+  recipe: recipes.Recipe
+  config: ml_collections.ConfigDict  # the run's config with the phase's optimisation
+  tx: Any
+  train_step: loop.TrainStepFn
+
+
+def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: Any,
+         batch_stats: Any, steps_per_epoch: int, *, background: bool = False) -> Plan:
+  """The prune phase of `config` for the model `graphdefs` with arrays like `params` and
+  `batch_stats` (only their shapes matter: the groups come from the trace).
+
+  With `background`, its train step starts compiling in a background thread now, so that
+  the dense phase trains meanwhile (see `loop.BackgroundCompiledStep`).
+  """
+  pc = config.pruning
+  recipe = recipe_from_config(pc, steps_per_epoch)
+  image = jnp.asarray(_sample_batch(config)["image"][:1])
+  spec = dpm_jax.trace_groups(_model(graphdefs.eval, params, batch_stats), image)
+  prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
+                           lr_schedule=pc.lr_schedule)
+  tx = dpm_jax.prune(loop.create_optimizer(prune_cfg, steps_per_epoch), spec, recipe)
+  step = loop.make_train_step(graphdefs.train, tx)
+  if background:
+    state_like = loop.abstract_state(jax.eval_shape(
+        lambda p, b: loop.TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
+        params, batch_stats))
+    batch = next(loop.train_batches(config))
+    batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    step = loop.BackgroundCompiledStep(step, state_like, batch_like)
+  return Plan(spec, recipe, prune_cfg, tx, step)
+
+
 def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.TrainState,
         *, graphdefs: loop.GraphDefs, steps_per_epoch: int,
-        writer: loop.MetricsWriter, dense_metrics: Mapping[str, float]) -> dict[str, Any]:
+        writer: loop.MetricsWriter, dense_metrics: Mapping[str, float],
+        prune_plan: Plan | None = None) -> dict[str, Any]:
   """Prune-train, finalize, surgery, fine-tune, evaluate, export and report.
 
   Args:
@@ -173,35 +257,43 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     steps_per_epoch: optimizer steps per epoch.
     writer: the metrics writer.
     dense_metrics: the dense model's test metrics.
+    prune_plan: the prune phase as `plan` built it before pretraining (its step compiled
+      meanwhile); None builds it now. It is used only if its groups are those of `state`.
 
   Returns:
     The final metrics, with the pruned network's FLOPs and params ratios.
   """
   pc = config.pruning
   with timing.TIMINGS.section("trace groups"):
-    recipe = recipe_from_config(pc, steps_per_epoch)
     sample = _sample_batch(config)
-    image = jnp.asarray(sample["image"][:1])
     dense_model = _model(graphdefs.eval, state.params, state.batch_stats)
-    spec = dpm_jax.trace_groups(dense_model, image)
+    spec = dpm_jax.trace_groups(dense_model, jnp.asarray(sample["image"][:1]))
     logging.info("Channel groups:\n%s", spec)
     dense_arch = dense_model.arch()
+    if prune_plan is None or prune_plan.spec != spec:
+      prune_plan = plan(config, graphdefs, state.params, state.batch_stats, steps_per_epoch)
+  recipe, prune_cfg, tx = prune_plan.recipe, prune_plan.config, prune_plan.tx
 
   # Prune-train: the recipe runs inside the optimizer.
-  prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
-                           lr_schedule=pc.lr_schedule)
-  inner = loop.create_optimizer(prune_cfg, steps_per_epoch)
-  tx = dpm_jax.prune(inner, spec, recipe)
   prune_state0 = loop.create_train_state(state.params, state.batch_stats, tx)
   recorder = TrajectoryRecorder(channels.ChannelIndex.build(spec), pc.record_every_steps,
                                 workdir / "prune" / TRAJECTORIES)
+  prune_steps = round(pc.epochs * steps_per_epoch)
+  planner = FinetunePlanner(config, spec, graphdefs, recipe.last_step + 1, steps_per_epoch)
+
+  def after_step(step: int, state: loop.TrainState) -> None:
+    recorder(step, state)
+    if pc.finetune_epochs > 0 and step < prune_steps:
+      planner(step, state)
+
   start = time.perf_counter()
   pruned, prune_metrics = loop.train_phase(
       "prune", prune_state0, graphdefs=graphdefs, tx=tx,
-      num_steps=round(pc.epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+      num_steps=prune_steps, steps_per_epoch=steps_per_epoch,
       config=config, workdir=workdir, arch=dense_arch, writer=writer,
       learning_rate_fn=loop.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
-      step_callback=recorder, on_resume=recorder.resume, on_checkpoint=recorder.checkpoint)
+      train_step_fn=prune_plan.train_step, step_callback=after_step,
+      on_resume=recorder.resume, on_checkpoint=recorder.checkpoint)
   ps = dpm_jax.prune_state(pruned.opt_state)
   traj = recorder.save(ps)
 
@@ -215,6 +307,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     surgery_diff = float(jnp.max(jnp.abs(_forward(full, x) - _forward(small, x))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
+  # The plots do not depend on fine-tuning: drawn in a thread while it runs.
+  plotting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
+  plots = plotting.submit(report.write_plots, os.fspath(workdir), spec, keep, traj)
+  plotting.shutdown(wait=False)
   small_graphdefs, small_params, small_stats = loop.split_model(small)
   eval_fn = loop.make_eval_step(small_graphdefs.eval)
   with timing.TIMINGS.section("surgery: evaluation"):
@@ -226,12 +322,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
                       "test_loss": after_surgery["loss"]}
   final_params, final_stats = small_params, small_stats
   if pc.finetune_epochs > 0:
-    ft_cfg = phase_config(config, learning_rate=pc.finetune_learning_rate,
-                          epochs=pc.finetune_epochs, lr_schedule=pc.finetune_lr_schedule)
-    ft_tx = loop.create_optimizer(ft_cfg, steps_per_epoch)
+    ft_cfg = finetune_config(config)
+    ft_tx, ft_step = planner.step_for(small_graphdefs) or (
+        loop.create_optimizer(ft_cfg, steps_per_epoch), None)
     ft_state = loop.create_train_state(small_params, small_stats, ft_tx)
     ft_state, finetune_metrics = loop.train_phase(
-        "finetune", ft_state, graphdefs=small_graphdefs, tx=ft_tx,
+        "finetune", ft_state, graphdefs=small_graphdefs, tx=ft_tx, train_step_fn=ft_step,
         num_steps=round(pc.finetune_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
         config=config, workdir=workdir, arch=small.arch(), writer=writer,
         learning_rate_fn=loop.create_learning_rate_schedule(ft_cfg, steps_per_epoch))
@@ -274,6 +370,6 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
   with timing.TIMINGS.section("report"):
     path = report.write_report(os.fspath(workdir), spec, keep,
                                title=f"Pruning report: {config.model} on {config.dataset}",
-                               summary=summary, trajectories=traj)
+                               summary=summary, trajectories=traj, plots=plots.result())
   logging.info("Report: %s", path)
   return result

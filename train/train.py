@@ -193,6 +193,12 @@ def train_and_evaluate(
       steps_per_epoch,
   )
   writer = loop.MetricsWriter(workdir / loop.METRICS_FILENAME)
+  prune_plan = None
+  if prune and config.num_epochs > 0:
+    # Built now, so that the pruning step compiles in the background while pretraining runs.
+    with timing.TIMINGS.section('trace groups'):
+      prune_plan = pruning.plan(config, graphdefs, params, batch_stats, steps_per_epoch,
+                                background=True)
 
   if config.num_epochs == 0:  # Pruning from scratch: the initialisation is the "dense" model.
     state = loop.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optax.EmptyState())
@@ -224,6 +230,7 @@ def train_and_evaluate(
         steps_per_epoch=steps_per_epoch,
         writer=writer,
         dense_metrics=final,
+        prune_plan=prune_plan,
     )
   logging.info('Final: %s', ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
   return final

@@ -90,6 +90,9 @@ class _Spec:
   # Python time, which threads only contend for; large JPEGs decode in C
   # without the GIL.
   read_threads: int = 0
+  # Small enough to decode whole, once per process: batches are then gathered from the
+  # arrays (the same values and order as reading record by record, several times faster).
+  in_memory: bool = False
 
 
 _TFDS_BUILD = (
@@ -107,6 +110,7 @@ _SPECS: dict[str, _Spec] = {
         mean=(0.3046,),
         std=(0.3760,),
         local_builder=_digits.Digits,
+        in_memory=True,
     ),
     # Already standardized by the `mnist1d` package; kept as they are.
     'mnist1d': _Spec(
@@ -116,6 +120,7 @@ _SPECS: dict[str, _Spec] = {
         std=(1.0,),
         scale=1.0,
         local_builder=_mnist1d.MNIST1D,
+        in_memory=True,
     ),
     # The usual CIFAR train-split statistics.
     'cifar10': _Spec(
@@ -330,6 +335,23 @@ def _train_example(
   return _record(image, example['label'], spec)
 
 
+@functools.lru_cache(maxsize=8)
+def _split_arrays(
+    name: str, split: str, data_dir: str | None
+) -> dict[str, np.ndarray]:
+  """A whole split, decoded and normalized as `_eval_example` does, stacked."""
+  source = _data_source(name, split, data_dir)
+  examples = [_eval_example(source[i], name=name) for i in range(len(source))]
+  arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  for array in arrays.values():
+    array.setflags(write=False)  # Shared by every iterator of the process.
+  return arrays
+
+
+def _gather(arrays: dict[str, np.ndarray], indices: np.ndarray) -> Batch:
+  return {key: value[indices] for key, value in arrays.items()}
+
+
 def _pad_batch(batch: Batch, *, batch_size: int) -> Batch:
   """Pads with zero rows (so with ``mask`` 0) up to ``batch_size`` rows."""
   missing = batch_size - len(batch['label'])
@@ -408,9 +430,18 @@ def train_iterator(
     >>> batch['image'].shape, batch['label'].dtype
     ((32, 8, 8, 1), dtype('int32'))
   """
+  augmenting = augment and name in _AUGMENTATIONS
+  if _spec(name).in_memory and not augmenting:
+    # The same shuffle as below (grain's depends only on the seed and the length), over
+    # indices; each batch is one gather from the decoded split.
+    arrays = _split_arrays(name, 'train', data_dir)
+    ds = grain.MapDataset.range(len(arrays['label'])).seed(seed).shuffle()
+    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+    ds = ds.map(functools.partial(_gather, arrays))
+    return _iterate(ds[start_step:], name, worker_count)
   source = _data_source(name, 'train', data_dir)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-  if augment and name in _AUGMENTATIONS:
+  if augmenting:
     ds = ds.random_map(functools.partial(_train_example, name=name))
   else:
     ds = ds.map(functools.partial(_eval_example, name=name))
@@ -455,11 +486,16 @@ def eval_iterator(
     >>> [int(batch['mask'].sum()) for batch in batches]
     [100, 100, 100, 60]
   """
-  source = _data_source(name, split, data_dir)
-  ds = grain.MapDataset.source(source).map(
-      functools.partial(_eval_example, name=name)
-  )
-  ds = ds.batch(batch_size).map(
+  if _spec(name).in_memory:
+    arrays = _split_arrays(name, split, data_dir)
+    ds = grain.MapDataset.range(len(arrays['label'])).batch(batch_size)
+    ds = ds.map(functools.partial(_gather, arrays))
+  else:
+    source = _data_source(name, split, data_dir)
+    ds = grain.MapDataset.source(source).map(
+        functools.partial(_eval_example, name=name)
+    ).batch(batch_size)
+  ds = ds.map(
       functools.partial(_pad_batch, batch_size=batch_size)
   )
   return _iterate(ds, name, worker_count)

@@ -66,8 +66,7 @@ def check_reachable(model: FlopsModel, spec: GroupSpec, minimum: np.ndarray,
   # The cheapest configuration at the minimum: keep each group's first `minimum` channels
   # (all channels of a group cost the same wherever the group is whole).
   keep = np.concatenate([np.arange(n) < m for n, m in zip(spec.sizes, minimum)])
-  with jax.ensure_compile_time_eval():  # static, even when called under a trace
-    lowest = float(model.macs(jnp.asarray(keep))) / model.dense_macs
+  lowest = model.static_macs(keep) / model.dense_macs
   if lowest > target_flops + 1e-9:
     raise ValueError(
         f"target_flops={target_flops} cannot be met: with the minimum channels per group "
