@@ -116,19 +116,22 @@ def test_background_compiled_step_equals_the_jitted_step_and_falls_back():
       params, batch_stats))
   batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   step_fn = loop.make_train_step(graphdefs.train, tx)
-  ahead = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
+  ahead = loop.BackgroundCompiledStep(step_fn, state_like, batch_like).start()
   copy = lambda: jax.tree.map(jnp.array, loop.create_train_state(params, batch_stats, tx))
   expected, _ = step_fn(copy(), batch)
   actual, metrics = ahead(copy(), batch)
   assert ahead._use is ahead._compiled  # pylint: disable=protected-access
   _assert_trees_equal(jax.device_get(actual), jax.device_get(expected))
   assert np.isfinite(float(metrics['loss']))
-  # Another batch size than it was compiled for: the jitted step runs instead.
-  other = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
+  # Another batch size than it was compiled for, or never started: the jitted step runs.
+  other = loop.BackgroundCompiledStep(step_fn, state_like, batch_like).start()
   half = {k: v[:4] for k, v in batch.items()}
   state, _ = other(copy(), half)
   assert other._use is step_fn  # pylint: disable=protected-access
   _assert_trees_equal(jax.device_get(state), jax.device_get(step_fn(copy(), half)[0]))
+  idle = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
+  idle(copy(), batch)
+  assert idle._use is step_fn and idle._compiled is None  # pylint: disable=protected-access
 
 
 def test_eval_step_ignores_padding_rows():

@@ -192,16 +192,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
 class BackgroundCompiledStep:
   """A jitted train step compiled in a background thread, ahead of the phase that runs it.
 
-  XLA compiles on another core while the current phase trains, so the next phase does not
-  wait for it (the pruning step takes several times longer to compile than a plain one).
-  Called like the step: the first call waits for the compile; inputs whose shapes, dtypes
-  or tree differ from the expected ones (or a compile that failed) fall back to the jitted
-  step itself, which compiles (or raises) as it would have.
+  `start` it when the main thread has no compiling of its own to do (XLA compiles contend:
+  an eager model initialisation beside a compile runs several times slower), e.g. once the
+  phase before has compiled its own step: XLA then compiles on another core while that phase
+  trains, and the next phase does not wait (the pruning step takes several times longer to
+  compile than a plain one). Called like the step: the first call waits for the compile;
+  when it was never started, failed, or the inputs' shapes, dtypes or tree differ from the
+  expected ones, the jitted step itself runs, compiling (or raising) as it would have.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> f = jax.jit(lambda x, b: (x + b['v'], {}))
-    >>> step = BackgroundCompiledStep(f, jnp.zeros(3), {'v': jnp.ones(3)})
+    >>> step = BackgroundCompiledStep(f, jnp.zeros(3), {'v': jnp.ones(3)}).start()
     >>> step(jnp.zeros(3), {'v': jnp.ones(3)})[0].tolist()
     [1.0, 1.0, 1.0]
   """
@@ -213,9 +215,13 @@ class BackgroundCompiledStep:
     self._use = None
     self.seconds = 0.0  # Of the compile, in its thread.
     self._thread = threading.Thread(
-        target=self._compile, args=(state_like, batch_like), daemon=True,
-        name='compile-train-step')
-    self._thread.start()
+        target=self._compile, args=(state_like, batch_like), name='compile-train-step')
+
+  def start(self) -> 'BackgroundCompiledStep':
+    """Starts compiling (once); returns self."""
+    if self._thread.ident is None:
+      self._thread.start()
+    return self
 
   def _compile(self, state_like: PyTree, batch_like: PyTree) -> None:
     begin = time.perf_counter()
@@ -226,15 +232,26 @@ class BackgroundCompiledStep:
                       'its first call instead.', exc_info=True)
     self.seconds = time.perf_counter() - begin
 
-  def wait(self) -> None:
-    self._thread.join()
-
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     if self._use is None:  # The first call: checked once, then trusted.
-      self.wait()
+      if self._thread.ident is not None:
+        self._thread.join()
       self._use = (self._compiled if self._compiled is not None
                    and _avals((state, batch)) == self._avals else self.step_fn)
     return self._use(state, batch)
+
+
+def compile_step_ahead(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: PyTree,
+    batch_stats: PyTree, batch: Batch
+) -> BackgroundCompiledStep:
+  """`make_train_step(graphdef, tx)`, to compile in the background (`start` it) for a state
+  made by `create_train_state` from arrays shaped like `params` and `batch_stats` (concrete
+  or `jax.ShapeDtypeStruct`s) and batches shaped like `batch`."""
+  state_like = abstract_state(jax.eval_shape(
+      lambda p, b: TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)), params, batch_stats))
+  batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  return BackgroundCompiledStep(make_train_step(graphdef, tx), state_like, batch_like)
 
 
 def _avals(tree: PyTree) -> tuple[Any, ...]:

@@ -170,13 +170,8 @@ class FinetunePlanner:
     model = _model(self.graphdefs.eval, state.params, state.batch_stats)
     small_defs, params, stats = loop.split_model(dpm_jax.remove_channels(model, self.spec, keep))
     tx = loop.create_optimizer(finetune_config(self.config), self.steps_per_epoch)
-    state_like = loop.abstract_state(jax.eval_shape(
-        lambda p, b: loop.TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
-        params, stats))
-    batch = next(loop.train_batches(self.config))
-    batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    step_fn = loop.BackgroundCompiledStep(loop.make_train_step(small_defs.train, tx),
-                                          state_like, batch_like)
+    step_fn = loop.compile_step_ahead(small_defs.train, tx, params, stats,
+                                      next(loop.train_batches(self.config))).start()
     self.planned = (small_defs, tx, step_fn)
 
   def step_for(self, graphdefs: loop.GraphDefs) -> tuple[Any, loop.TrainStepFn] | None:
@@ -222,8 +217,8 @@ def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: A
   """The prune phase of `config` for the model `graphdefs` with arrays like `params` and
   `batch_stats` (only their shapes matter: the groups come from the trace).
 
-  With `background`, its train step starts compiling in a background thread now, so that
-  the dense phase trains meanwhile (see `loop.BackgroundCompiledStep`).
+  With `background`, its train step is a `loop.BackgroundCompiledStep`: `start` it to
+  compile in a background thread while the dense phase trains.
   """
   pc = config.pruning
   recipe = recipe_from_config(pc, steps_per_epoch)
@@ -232,14 +227,11 @@ def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: A
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
                            lr_schedule=pc.lr_schedule)
   tx = dpm_jax.prune(loop.create_optimizer(prune_cfg, steps_per_epoch), spec, recipe)
-  step = loop.make_train_step(graphdefs.train, tx)
   if background:
-    state_like = loop.abstract_state(jax.eval_shape(
-        lambda p, b: loop.TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)),
-        params, batch_stats))
-    batch = next(loop.train_batches(config))
-    batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    step = loop.BackgroundCompiledStep(step, state_like, batch_like)
+    step = loop.compile_step_ahead(graphdefs.train, tx, params, batch_stats,
+                                   next(loop.train_batches(config)))
+  else:
+    step = loop.make_train_step(graphdefs.train, tx)
   return Plan(spec, recipe, prune_cfg, tx, step)
 
 

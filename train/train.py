@@ -185,6 +185,14 @@ def train_and_evaluate(
     arch = model.arch()
     graphdefs, params, batch_stats = loop.split_model(model)
   del model  # Its arrays are donated by the first train step.
+  prune_plan, after_step = None, None
+  if prune and config.num_epochs > 0:
+    # The pruning step compiles in a background thread while pretraining runs, started
+    # after the first pretrain step, whose own compile it would slow down.
+    with timing.TIMINGS.section('trace groups'):
+      prune_plan = pruning.plan(config, graphdefs, params, batch_stats, steps_per_epoch,
+                                background=True)
+    after_step = lambda step, state: prune_plan.train_step.start()
   logging.info(
       '%s on %s: %d parameters, %d steps per epoch.',
       config.model,
@@ -193,12 +201,6 @@ def train_and_evaluate(
       steps_per_epoch,
   )
   writer = loop.MetricsWriter(workdir / loop.METRICS_FILENAME)
-  prune_plan = None
-  if prune and config.num_epochs > 0:
-    # Built now, so that the pruning step compiles in the background while pretraining runs.
-    with timing.TIMINGS.section('trace groups'):
-      prune_plan = pruning.plan(config, graphdefs, params, batch_stats, steps_per_epoch,
-                                background=True)
 
   if config.num_epochs == 0:  # Pruning from scratch: the initialisation is the "dense" model.
     state = loop.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optax.EmptyState())
@@ -220,6 +222,7 @@ def train_and_evaluate(
         arch=arch,
         writer=writer,
         learning_rate_fn=loop.create_learning_rate_schedule(config, steps_per_epoch),
+        step_callback=after_step,
     )
   if prune:
     final = pruning.run(
