@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs (SR, and PSAP's pulses).
   pruning.min_decay_steps = 10  # Decay steps before a channel may be released.
   pruning.cooldown = 400  # Steps after a release before the channel may be selected again.
+  # Releases stop this many epochs after the last event, so that every replacement finishes
+  # its decay within the phase; None: one decay (decay_steps).
+  pruning.release_epochs = ml_collections.config_dict.placeholder(float)
   # PSAP ('psap': allocation 'adaptive', removal 'protective'); None: the method's default.
   pruning.sparsity = ml_collections.config_dict.placeholder(str)  # 'weights' or 'channels'.
   # 'weights': a group's sparsity is its share of kernel entries below this times the mean

@@ -171,7 +171,13 @@ def test_last_step():
   assert recipes.depgraph(removal="hard", **one_shot).last_step == 30
   assert recipes.depgraph(removal="soft", **one_shot).last_step == 30
   assert recipes.depgraph(removal="dpm_sp", decay_steps=20, **one_shot).last_step == 50
-  assert recipes.depgraph(removal="dpm", decay_steps=20, **one_shot).last_step == 50
+  # Self-rectifying releases for one decay after the last event; the last replacement
+  # then decays for one more.
+  assert recipes.depgraph(removal="dpm", decay_steps=20, **one_shot).last_step == 70
+  assert recipes.depgraph(removal="dpm", decay_steps=20, release_steps=5,
+                          **one_shot).last_step == 55
+  with pytest.raises(ValueError, match="release_steps"):
+    recipes.depgraph(removal="dpm", release_steps=-1)
 
 
 # ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ TRAJECTORIES = "trajectories.npz"
 # Fields of `config.pruning` in epochs, and the recipe options they become (in steps).
 _EPOCH_FIELDS = {"start_epoch": "start_step", "end_epoch": "end_step",
                  "interval_epochs": "interval", "tick_epochs": "tick_steps",
-                 "tock_epochs": "tock_steps"}
+                 "tock_epochs": "tock_steps", "release_epochs": "release_steps"}
 # Fields that are not options of a recipe's parts.
 _RUN_FIELDS = {"enabled", "method", "criterion", "allocation", "removal", "target_flops",
                "epochs", "learning_rate", "lr_schedule", "record_every_steps",

@@ -87,16 +87,21 @@ class Context:
     index: maps between the params tree and flat ``[K]`` channel vectors.
     flops: the jittable MAC model of any keep configuration.
     target_flops: the recipe's final fraction of the dense FLOPs.
+    last_event: the step of the schedule's last event (None: not known), after which parts
+      must let the pruning settle (``SelfRectifying`` stops releasing).
   """
 
   spec: GroupSpec
   index: ChannelIndex
   flops: FlopsModel
   target_flops: float
+  last_event: int | None = None
 
   @classmethod
-  def build(cls, spec: GroupSpec, target_flops: float, prefix: Path = ()) -> Context:
-    return cls(spec, ChannelIndex.build(spec, prefix), FlopsModel.build(spec), target_flops)
+  def build(cls, spec: GroupSpec, target_flops: float, prefix: Path = (),
+            last_event: int | None = None) -> Context:
+    return cls(spec, ChannelIndex.build(spec, prefix), FlopsModel.build(spec), target_flops,
+               last_event)
 
   @property
   def num_channels(self) -> int:

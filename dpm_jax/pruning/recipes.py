@@ -18,8 +18,8 @@ Example:
   ...                      decay_steps=50)
   >>> type(r.criterion).__name__, type(r.allocation).__name__, r.removal.decay_steps
   ('GroupL2', 'Global', 50)
-  >>> r.schedule.event_steps, r.last_step
-  ((100, 175, 250, 325, 400), 450)
+  >>> r.schedule.event_steps, r.last_step   # releases for 50 steps, a last decay of 50
+  ((100, 175, 250, 325, 400), 500)
   >>> recipes.sfp(target_flops=0.6, interval=44, end_step=400).removal
   Soft(zero='producers')
 """
@@ -264,10 +264,11 @@ def sfp(target_flops: float = 0.5, removal: str | Removal = "soft", *,
                 **options)
   steps = recipe.schedule.event_steps
   gap = min((b - a for a, b in zip(steps, steps[1:])), default=None)
-  if gap is not None and recipe.removal.settle_steps >= gap:
+  decay = getattr(recipe.removal, "decay_steps", recipe.removal.settle_steps)
+  if gap is not None and decay >= gap:
     raise ValueError(
         f"Invalid pruning recipe: sfp(removal={removal!r}) with decay_steps="
-        f"{recipe.removal.settle_steps} while events are {gap} steps apart (events at "
+        f"{decay} while events are {gap} steps apart (events at "
         f"{steps}): a selection must reach zero before the next event selects afresh. "
         "Shorten decay_steps or space the events further.")
   return recipe

@@ -347,7 +347,10 @@ class SelfRectifying(SmoothPruning):
   ``len > len_threshold``, after ``min_decay_steps`` decay steps; it keeps its partly decayed
   weights, trains normally, and may not be selected again for ``cooldown`` steps; the
   allocation selects a replacement in the same step, from the parameters the step lands on,
-  so the FLOPs target holds after every step.
+  so the FLOPs target holds after every step. Releases stop ``release_steps`` after the
+  schedule's last event, so that the pruning settles: every replacement finishes its decay
+  by the recipe's ``last_step`` (``settle_steps = release_steps + decay_steps`` after the last
+  event), and the prune phase, which must cover ``last_step``, never ends mid-decay.
 
   Attributes:
     decay_steps: N, as for ``SmoothPruning``.
@@ -358,6 +361,10 @@ class SelfRectifying(SmoothPruning):
     logic: ``and`` releases when both EMAs pass their thresholds, ``or`` when either does.
     min_decay_steps: a channel decays at least this many steps before it may be released.
     cooldown: steps after a release during which the channel may not be selected again.
+    release_steps: how many steps after the schedule's last event channels may still be
+      released; None (the default) is ``decay_steps``: a channel selected at the last event
+      may be released for as long as it decays. Our reading: the paper does not say when
+      self-rectifying stops.
   """
 
   rate_threshold: float = 0.0
@@ -366,10 +373,13 @@ class SelfRectifying(SmoothPruning):
   logic: str = "and"
   min_decay_steps: int = 10
   cooldown: int = 100
+  release_steps: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
     name = type(self).__name__
+    if self.release_steps is not None:
+      check_int(name, "release_steps", self.release_steps, 0)
     # A relative change of a channel's norm in one step.
     check_float(name, "rate_threshold", self.rate_threshold, -1.0, 1.0, low_open=True,
                 high_open=True)
@@ -382,6 +392,16 @@ class SelfRectifying(SmoothPruning):
       raise ValueError(f"{name}: min_decay_steps={self.min_decay_steps} must be less than "
                        f"decay_steps={self.decay_steps}.")
     check_int(name, "cooldown", self.cooldown, 0)
+
+  @property
+  def release_window(self) -> int:
+    """Steps after the last event during which channels may still be released."""
+    return self.decay_steps if self.release_steps is None else self.release_steps
+
+  @property
+  def settle_steps(self) -> int:
+    # A replacement selected at the last release decays for decay_steps more.
+    return self.release_window + self.decay_steps
 
   def init(self, ctx: Context, params: Any) -> RectifyState:
     del params
@@ -413,6 +433,8 @@ class SelfRectifying(SmoothPruning):
     go = release(status, state.decay_step, rate_ema, relative,
                  rate_threshold=self.rate_threshold, len_threshold=self.len_threshold,
                  logic=self.logic, min_decay_steps=self.min_decay_steps)
+    if ctx.last_event is not None:  # then the pruning settles
+      go = go & (step.count < ctx.last_event + self.release_window)
     state, status = record_release(state._replace(grad_norm_ema=grad_ema, rate_ema=rate_ema),
                                    status, go, step.count)
     return state, status, go

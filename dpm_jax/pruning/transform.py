@@ -110,7 +110,7 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
   """
   if not isinstance(recipe, Recipe):
     raise TypeError(f"recipe must be a dpm_jax.recipes.Recipe, got {type(recipe).__name__}.")
-  ctx = Context.build(spec, recipe.target_flops, prefix)
+  ctx = Context.build(spec, recipe.target_flops, prefix, recipe.schedule.last_event)
   recipe.allocation.check(ctx)
   multiples = allocations.round_multiples(spec, recipe.round_to)
   rounding = bool((multiples > 1).any())
