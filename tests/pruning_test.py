@@ -14,9 +14,11 @@ from configs import digits_dpm
 from configs import digits_psap_scratch
 from dpm_jax import checkpoint
 from dpm_jax import data
+from dpm_jax import report
 from dpm_jax.pruning import criteria
 from dpm_jax.pruning import removals
 from dpm_jax.pruning import schedules
+from dpm_jax.pruning.base import DECAYING
 from train import loop
 from train import pruning
 from train import train
@@ -81,6 +83,29 @@ def test_pruning_run_meets_target_and_writes_report(tmp_path, removal, monkeypat
   accuracy = np.mean(np.asarray(small(jnp.asarray(batch['image'])).argmax(-1))
                      == batch['label'])
   assert accuracy == pytest.approx(result['test_accuracy'], abs=1e-6)
+
+
+def test_self_rectifying_settles_before_the_phase_ends_at_a_tiny_budget(tmp_path):
+  # Thresholds that release every decaying channel after two decay steps, and no cooldown:
+  # releases and replacements would go on to the end of the phase if they did not stop.
+  config = _config(tmp_path, target_flops=0.02, rate_threshold=-0.99, len_threshold=0.0,
+                   logic='or', min_decay_steps=2, cooldown=0)
+  workdir = tmp_path / 'run'
+  result = train.train_and_evaluate(config, workdir)
+  recipe = pruning.recipe_from_config(config.pruning, steps_per_epoch=44)
+  traj = report.Trajectories.load(workdir / 'prune' / pruning.TRAJECTORIES)
+  assert traj.released.sum() > 10
+  deadline = recipe.schedule.last_event + recipe.removal.release_window
+  assert traj.released_at[traj.released > 0].max() < deadline
+  # Every decay has finished by the recipe's last step, well before the phase ends: the
+  # network the phase ends with is the one surgery keeps.
+  assert recipe.last_step < round(config.pruning.epochs * 44)
+  settled = traj.status[traj.steps >= recipe.last_step]
+  assert len(settled) and not (settled == DECAYING).any()
+  assert result['flops_ratio'] <= 0.02 + 1e-6
+  assert result['surgery_max_abs_diff'] < 1e-4
+  assert result['surgery_test_accuracy'] == pytest.approx(result['prune_test_accuracy'],
+                                                          abs=1e-6)
 
 
 def test_finished_run_resumes_to_the_same_result(tmp_path):
