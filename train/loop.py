@@ -507,6 +507,10 @@ def train_phase(
   if train_step_fn is None:
     train_step_fn = make_train_step(graphdefs.train, tx)
   eval_step_fn = make_eval_step(graphdefs.eval)
+  if learning_rate_fn is not None:
+    # Read for every record: one compiled call rather than a dozen operations run one by one
+    # (each compiled on first use).
+    learning_rate_fn = jax.jit(learning_rate_fn)
 
   def evaluate_fn(state: TrainState) -> dict[str, float]:
     with timing.TIMINGS.section(f'{phase}: evaluation'):
