@@ -1,0 +1,60 @@
+"""The methods matrix (bench/methods.py): its cells, a tiny run of one twice, its table."""
+
+import json
+
+from bench import methods
+
+
+def test_every_method_has_a_config_on_both_datasets():
+  for dataset in ('mnist1d', 'digits'):
+    found = {c.method for c in methods.cells([dataset], methods.METHODS, [0.5], [0])}
+    assert found == set(methods.METHODS), dataset
+
+
+def test_a_cell_is_one_command_line_run():
+  (cell,) = methods.cells(['mnist1d'], ['depgraph+sr'], [0.1], [2])
+  command = cell.command('w')
+  assert command[1:] == ['-m', 'train.main', '--config=configs/mnist1d_dpm.py', '--workdir=w',
+                         '--config.seed=2', '--config.pruning.target_flops=0.1',
+                         '--config.progress_bar=False']
+
+
+# A cell shortened to seconds: 1 + 2 + 1 epochs of the digits CNN.
+SHORT = ['--override=--config.num_epochs=1', '--override=--config.pruning.epochs=2',
+         '--override=--config.pruning.end_epoch=0.5', '--override=--config.pruning.decay_steps=5',
+         '--override=--config.pruning.min_decay_steps=2',
+         '--override=--config.pruning.finetune_epochs=1']
+
+
+def test_a_cell_run_twice_gives_the_same_result_and_finished_cells_are_skipped(tmp_path, capsys):
+  args = ['--datasets', 'digits', '--methods', 'depgraph+sr', '--budgets', '0.5', '--seeds',
+          '0', *SHORT]
+  records = []
+  for out in (tmp_path / 'a', tmp_path / 'b'):
+    methods.main([*args, '--out', str(out)])
+    (line,) = (out / 'results.jsonl').read_text().splitlines()
+    records.append(json.loads(line))
+  first, again = records
+  assert 'error' not in first, first
+  for key in ('surgery_test_accuracy', 'test_accuracy', 'flops_ratio', 'params_ratio',
+              'releases'):
+    assert first[key] == again[key], key
+  assert abs(first['flops_ratio'] - 0.5) < 0.02
+  table = (tmp_path / 'a' / 'table.md').read_text()
+  assert '### digits, 0.5 of the dense FLOPs' in table and 'DepGraph + SR (DPM)' in table
+  assert (tmp_path / 'a' / 'accuracy_vs_flops_digits.png').read_bytes()[:4] == b'\x89PNG'
+  # Started again, nothing is left to run.
+  capsys.readouterr()
+  methods.main([*args, '--out', str(tmp_path / 'a')])
+  assert '0 runs to do, 1 finished' in capsys.readouterr().out
+  assert len((tmp_path / 'a' / 'results.jsonl').read_text().splitlines()) == 1
+
+
+def test_a_failed_run_is_recorded_with_its_error(tmp_path):
+  methods.main(['--datasets', 'digits', '--methods', 'depgraph', '--budgets', '0.5',
+                '--seeds', '0', '--out', str(tmp_path),
+                '--override=--config.pruning.min_channels=1000'])
+  (line,) = (tmp_path / 'results.jsonl').read_text().splitlines()
+  record = json.loads(line)
+  assert 'cannot be met' in record['error']
+  assert 'failed' in (tmp_path / 'table.md').read_text()
