@@ -26,4 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 10
   config.eval_batch_size = 360  # The whole test split in one batch.
   config.log_every_steps = 20
+  config.checkpoint_every_epochs = 5  # An epoch takes a fraction of a second.
   return config

@@ -126,7 +126,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
   config = digits_dpm.get_config()
   config.model_kwargs = ml_collections.ConfigDict({'conv_widths': (4, 8), 'dense_widths': (16,)})
   config.update(batch_size=16, eval_batch_size=MOCK_EXAMPLES, num_epochs=2, log_every_steps=3,
-                progress_bar=False)
+                progress_bar=False, checkpoint_every_epochs=1)
   config.pruning.update(epochs=4.0, end_epoch=2.0, num_events=3, decay_steps=3,
                         min_decay_steps=1, cooldown=3, record_every_steps=1,
                         finetune_epochs=2.0)
