@@ -44,10 +44,10 @@ def pruned_keep(spec: dpm_jax.GroupSpec, params, budget: float, round_to: int) -
   k = index.num_channels
   none, everything = jnp.zeros(k, bool), jnp.ones(k, bool)
   minimum = np.ones(len(spec.groups), np.int32)
-  target = jnp.float32(budget * model.dense_macs)
+  target = jnp.float32(budget * model.dense_cost)
   selected = allocations.select_global(model, scores, everything, none, target,
                                        jnp.asarray(minimum),
-                                       tolerance_macs=0.005 * model.dense_macs)
+                                       tolerance=0.005 * model.dense_cost)
   if round_to > 1:
     selected = allocations.round_widths(model, index, scores, everything, none, selected,
                                         target, minimum, np.full(len(spec.groups), round_to))

@@ -75,6 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
   # GPUs 8 and on TPUs 128 (the lanes) let the pruned layers run at full speed; uneven widths
   # can make a pruned network no faster than the dense one.
   pruning.round_to = 1
+  # What target_flops is a fraction of: 'flops' (MACs counted from the trace) or 'latency'
+  # (the network's latency on this device, predicted from a table of every layer timed at
+  # widths in multiples of latency_step, measured when the prune phase starts and cached in
+  # ~/.cache/dpm_jax/latency; round_to must then be a multiple of latency_step).
+  pruning.cost = 'flops'
+  pruning.latency_step = 8  # Widths the latency table times: multiples of this (and the full).
+  # Batch the latency is timed at; None: batch_size.
+  pruning.latency_batch = ml_collections.config_dict.placeholder(int)
   pruning.min_channels = 1  # Never leave a group with fewer channels than this...
   # ... or than this fraction of its channels; None: the method's ('gate_decorator': 0.1, else 0).
   pruning.min_fraction = ml_collections.config_dict.placeholder(float)

@@ -1,10 +1,12 @@
 """dpm_jax: structured pruning for JAX/Flax.
 
-Automatic channel groups (``trace_groups``), FLOP counting (``count_flops``), parameter surgery
-(``remove_channels``), and the pruning methods as an optax transform.
+Automatic channel groups (``trace_groups``), FLOP counting (``count_flops``), measured latency
+(``latency``), parameter surgery (``remove_channels``), and the pruning methods as an optax
+transform.
 """
 
 from dpm_jax import channels
+from dpm_jax import latency
 from dpm_jax import models
 from dpm_jax import pruning
 from dpm_jax.pruning import recipes
@@ -58,6 +60,7 @@ __all__ = [
     "check_keep",
     "count_flops",
     "count_flops_fn",
+    "latency",
     "models",
     "register_module_resizer",
     "SurgeryCheckError",

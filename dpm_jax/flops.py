@@ -33,7 +33,7 @@ from dpm_jax import groups as groups_lib
 from dpm_jax.groups import GroupSpec
 from dpm_jax.surgery import check_keep, kept_indices
 
-__all__ = ["LayerCount", "FlopsReport", "FlopsModel", "spec_cost", "count_flops",
+__all__ = ["LayerCount", "FlopsReport", "CostModel", "FlopsModel", "spec_cost", "count_flops",
            "count_flops_fn"]
 
 
@@ -116,30 +116,45 @@ def count_flops(model, *example_inputs: Any, keep: Sequence[Any] | None = None,
 
 
 @dataclasses.dataclass(frozen=True)
-class FlopsModel:
-  """Dense MAC model of a traced network over the flat channel vector.
+class CostModel:
+  """A jittable cost of every keep configuration, over the flat channel vector.
+
+  What a recipe's target is a fraction of, and what allocations read: the channel dimensions
+  of every traced layer (``dim_sizes``) and a cost of them (``cost_of_dims``). Subclasses say
+  what the cost is: MACs (``FlopsModel``) or predicted seconds (``dpm_jax.latency``).
 
   Attributes:
     weights: ``[D, K]`` entries of dimension ``d`` per kept channel ``k``.
     fixed: ``[D]`` unprunable entries of every dimension.
     layer_dims: ``[L, M]`` the dimensions of each layer, padded with ``D`` (a dimension of
       size one).
-    const: ``[L]`` the MACs of a layer per unit of each of its dimensions.
     segment_ids: ``[K]`` the group of every flat channel.
   """
 
   weights: np.ndarray
   fixed: np.ndarray
   layer_dims: np.ndarray
-  const: np.ndarray
   segment_ids: np.ndarray
 
-  @classmethod
-  def build(cls, spec: GroupSpec) -> FlopsModel:
+  @property
+  def unit(self) -> str:
+    """What the cost is, for messages."""
+    return "cost"
+
+  @property
+  def width_step(self) -> int:
+    """The cost is exact at widths in multiples of this: a recipe's ``round_to`` must be a
+    multiple of it (one: every width)."""
+    return 1
+
+  @staticmethod
+  def dimensions(spec: GroupSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``weights``, ``fixed``, ``layer_dims`` and ``segment_ids`` of ``spec``'s layers (for a
+    subclass's ``build``)."""
     sizes = spec.sizes
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int) if sizes else []
     k = int(sum(sizes))
-    rows, fixed, layer_dims, const = [], [], [], []
+    rows, fixed, layer_dims = [], [], []
     for layer in spec.layers:
       dims = []
       for dim in layer.dims:
@@ -152,7 +167,6 @@ class FlopsModel:
         rows.append(w)
         fixed.append(dim.fixed)
       layer_dims.append(dims)
-      const.append(layer.const)
     d = len(rows)
     width = max((len(x) for x in layer_dims), default=1)
     padded = np.full((len(layer_dims), width), d, np.int32)
@@ -160,34 +174,68 @@ class FlopsModel:
       padded[i, :len(dims)] = dims
     weights = np.stack(rows) if rows else np.zeros((0, k), np.float32)
     seg = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-    return cls(weights, np.asarray(fixed, np.float32), padded, np.asarray(const, np.float64),
-               seg)
+    return weights, np.asarray(fixed, np.float32), padded, seg
 
   def dim_sizes(self, keep: jax.Array) -> jax.Array:
     """``[D]`` entries of every dimension when ``keep`` (``[K]`` bool or float) is kept."""
     return jnp.asarray(self.fixed) + jnp.asarray(self.weights) @ keep.astype(jnp.float32)
 
-  def macs_of_dims(self, dims: jax.Array) -> jax.Array:
-    """MACs from the entries of every dimension: ``dims`` is ``[D, ...]`` (batched after D)."""
-    # Append the unit dimension that pads `layer_dims`.
+  def cost_of_dims(self, dims: jax.Array) -> jax.Array:
+    """The cost from the entries of every dimension: ``dims`` is ``[D, ...]`` (batched after
+    D)."""
+    raise NotImplementedError
+
+  def layer_sizes(self, dims: jax.Array) -> jax.Array:
+    """``[L, M, ...]`` the entries of every layer's dimensions (padding ones)."""
     ones = jnp.ones((1,) + dims.shape[1:], dims.dtype)
-    full = jnp.concatenate([dims, ones], axis=0)
-    per_layer = jnp.prod(full[jnp.asarray(self.layer_dims)], axis=1)   # [L, ...]
+    return jnp.concatenate([dims, ones], axis=0)[jnp.asarray(self.layer_dims)]
+
+  def cost(self, keep: jax.Array) -> jax.Array:
+    """The cost of the network with ``keep`` channels."""
+    return self.cost_of_dims(self.dim_sizes(keep))
+
+  def static_cost(self, keep: np.ndarray) -> float:
+    """``cost(keep)`` for a concrete ``keep``, computed at once even under a trace (``prune``
+    may be built inside one, e.g. ``optax.inject_hyperparams``): targets and reachability
+    are decided before training."""
+    with jax.ensure_compile_time_eval():
+      return float(self.cost(jnp.asarray(keep)))
+
+  @property
+  def dense_cost(self) -> float:
+    """The cost of the whole network."""
+    return self.static_cost(np.ones(self.weights.shape[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsModel(CostModel):
+  """Dense MAC model of a traced network over the flat channel vector: its cost is MACs.
+
+  Attributes (besides ``CostModel``'s):
+    const: ``[L]`` the MACs of a layer per unit of each of its dimensions.
+  """
+
+  const: np.ndarray
+
+  @classmethod
+  def build(cls, spec: GroupSpec) -> FlopsModel:
+    weights, fixed, layer_dims, seg = cls.dimensions(spec)
+    const = np.asarray([layer.const for layer in spec.layers], np.float64)
+    return cls(weights, fixed, layer_dims, seg, const)
+
+  @property
+  def unit(self) -> str:
+    return "FLOPs"
+
+  def cost_of_dims(self, dims: jax.Array) -> jax.Array:
+    """MACs from the entries of every dimension: ``dims`` is ``[D, ...]`` (batched after D)."""
+    per_layer = jnp.prod(self.layer_sizes(dims), axis=1)   # [L, ...]
     const = jnp.asarray(self.const, jnp.float32).reshape((-1,) + (1,) * (dims.ndim - 1))
     return jnp.sum(const * per_layer, axis=0)
 
-  def macs(self, keep: jax.Array) -> jax.Array:
-    """MACs of the network with ``keep`` channels."""
-    return self.macs_of_dims(self.dim_sizes(keep))
-
-  def static_macs(self, keep: np.ndarray) -> float:
-    """``macs(keep)`` on the host, in float64, for a concrete ``keep``: what is decided
-    before training (targets, reachability) costs no device work, even under a trace."""
+  def static_cost(self, keep: np.ndarray) -> float:
+    """The MACs of a concrete ``keep`` on the host, in float64: exact, and no device work."""
     dims = self.fixed.astype(np.float64) + self.weights.astype(np.float64) @ np.asarray(
         keep, np.float64)
     full = np.concatenate([dims, [1.0]])
     return float(np.sum(self.const * np.prod(full[self.layer_dims], axis=1)))
-
-  @property
-  def dense_macs(self) -> float:
-    return self.static_macs(np.ones(self.weights.shape[1]))

@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from scipy.sparse.csgraph import connected_components
 __all__ = [
     "Term",
     "Dim",
+    "Op",
     "Layer",
     "Fixed",
     "PRODUCER",
@@ -155,13 +157,45 @@ class Fixed(NamedTuple):
   reasons: tuple[str, ...]
 
 
+class Op(NamedTuple):
+  """How to rebuild a layer's operation at other widths, to time it (``dpm_jax.latency``).
+
+  Attributes:
+    primitive: ``'conv_general_dilated'`` or ``'dot_general'``.
+    params: the primitive's static parameters as ``(name, value)`` pairs of plain tuples,
+      ints and strings (``jax.lax``'s keyword arguments; precision is left at its default).
+    shapes: the operands' shapes as traced.
+    dtypes: the operands' dtype names.
+    axes: for every dimension of the layer (``Layer.dims``), the ``(operand, axis,
+      divisor)`` triples it sizes: the axis holds ``entries // divisor`` (a depthwise conv's
+      input channels are its output channels over the channel multiplier).
+    batch: the ``(operand, axis)`` pairs that hold the example batch: a conv's input batch
+      axis; axis 0 of a contraction's operands that are not parameters, when not contracted.
+    depthwise: the conv's ``feature_group_count`` is its input channel count.
+    joined: the layer's output is combined elementwise with other layers' outputs (a
+      residual add: their channels are one), so the pass over its output reads one more
+      operand of its shape.
+  """
+
+  primitive: str
+  params: tuple[tuple[str, Any], ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+  axes: tuple[tuple[tuple[int, int, int], ...], ...]
+  batch: tuple[tuple[int, int], ...] = ()
+  depthwise: bool = False
+  joined: bool = False
+
+
 class Layer(NamedTuple):
-  """A conv or contraction: ``macs = const * prod(kept entries of each dim)``."""
+  """A conv or contraction: ``macs = const * prod(kept entries of each dim)``; ``op`` says
+  how to rebuild it at other widths (``None`` when unknown: it cannot be timed)."""
 
   name: str
   primitive: str
   const: int
   dims: tuple[Dim, ...]
+  op: Op | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +418,26 @@ class _Cost(NamedTuple):
   primitive: str
   const: int
   dims: tuple[np.ndarray, ...]
+  op: Op | None = None
+  outputs: tuple[int, ...] = ()  # which of ``dims`` are the output channels
+
+
+def _plain(x: Any) -> Any:
+  """``x`` as nested tuples of ints and strings (hashable, and JSON-able as lists)."""
+  if isinstance(x, (tuple, list)):
+    return tuple(_plain(v) for v in x)
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  return x if x is None or isinstance(x, str) else str(np.dtype(x))
+
+
+def _op(eqn, params: Mapping[str, Any], axes, batch, depthwise: bool = False) -> Op:
+  return Op(eqn.primitive.name, tuple((k, _plain(v)) for k, v in params.items()),
+            tuple(tuple(int(n) for n in v.aval.shape) for v in eqn.invars[:2]),
+            tuple(str(v.aval.dtype) for v in eqn.invars[:2]),
+            tuple(tuple(a) for a in axes), tuple(batch), depthwise)
 
 
 @dataclasses.dataclass
@@ -494,7 +548,15 @@ def _conv(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
   const *= int(np.prod([rhs_aval.shape[a] for a in rhs_spec[2:]]))
   dims = tuple(l if l is not None else np.full(n, _FIXED)
                for l, n in ((k_in, rhs_aval.shape[rhs_spec[1]]), (k_out, cout)))
-  tr.costs.append(_Cost(_origin_name(origins[1], eqn), "conv", const, dims))
+  p = eqn.params
+  static = {k: p[k] for k in ("window_strides", "padding", "lhs_dilation", "rhs_dilation",
+                              "feature_group_count", "preferred_element_type")}
+  static["dimension_numbers"] = (lhs_spec, rhs_spec, out_spec)
+  depthwise = groups == cin and groups > 1
+  in_axes = () if groups > 1 else ((0, lhs_spec[1], 1), (1, rhs_spec[1], 1))
+  out_axes = ((1, rhs_spec[0], 1),) + (((0, lhs_spec[1], cout // cin),) if depthwise else ())
+  op = _op(eqn, static, (in_axes, out_axes), ((0, lhs_spec[0]),), depthwise)
+  tr.costs.append(_Cost(_origin_name(origins[1], eqn), "conv", const, dims, op, (1,)))
   return tuple(out)
 
 
@@ -517,17 +579,27 @@ def _dot_general(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
     return lhs[a] if lhs[a] is not None else (rhs[b] if b is not None else None)
 
   out = [pick(a, b) for a, b in zip(lb, rb)] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]
-  const, dims = 1, []
-  sized = ([(pick(a, b), lshape[a]) for a, b in zip(lb, rb)]
-           + [(pick(a, b), lshape[a]) for a, b in zip(lc, rc)]
-           + [(lhs[a], lshape[a]) for a in lfree] + [(rhs[b], rshape[b]) for b in rfree])
-  for labels, n in sized:
+  const, dims, axes, outputs = 1, [], [], []
+  # The output channels are a parameter's free axes (a dense layer's kernel).
+  lout, rout = origins[0] is not None, origins[1] is not None
+  sized = ([(pick(a, b), lshape[a], ((0, a, 1), (1, b, 1)), False) for a, b in zip(lb, rb)]
+           + [(pick(a, b), lshape[a], ((0, a, 1), (1, b, 1)), False) for a, b in zip(lc, rc)]
+           + [(lhs[a], lshape[a], ((0, a, 1),), lout) for a in lfree]
+           + [(rhs[b], rshape[b], ((1, b, 1),), rout) for b in rfree])
+  for labels, n, where, output in sized:
     if labels is None:
       const *= n
     else:
+      if output:
+        outputs.append(len(dims))
       dims.append(labels)
+      axes.append(where)
+  batch = [(i, 0) for i, (o, contract) in enumerate(((origins[0], lc), (origins[1], rc)))
+           if o is None and 0 not in contract and len(eqn.invars[i].aval.shape)]
+  static = {k: eqn.params[k] for k in ("dimension_numbers", "preferred_element_type")}
+  op = _op(eqn, static, axes, batch)
   name = _origin_name(origins[1] or origins[0], eqn)
-  tr.costs.append(_Cost(name, "dot_general", const, tuple(dims)))
+  tr.costs.append(_Cost(name, "dot_general", const, tuple(dims), op, tuple(outputs)))
   return tuple(out)
 
 
@@ -1110,8 +1182,18 @@ def _layers(tr: _Trace, comp: np.ndarray, groups: list[Group]) -> tuple[Layer, .
     comps = comp[tr.param_labels[m.path][m.axis][m.indices()[:, 0]]]
     group_of[comps] = gi
     channel_of[comps] = np.arange(g.size)
+  # Channels that several layers' outputs share were joined by an elementwise op (a
+  # depthwise conv's output channels are its input's: it joins nothing).
+  out_comps = [set(comp[np.concatenate([cost.dims[i] for i in cost.outputs])].tolist())
+               - {comp[_FIXED]} if cost.outputs else set() for cost in tr.costs]
+  producers = collections.Counter(
+      c for cost, comps in zip(tr.costs, out_comps)
+      if not (cost.op is not None and cost.op.depthwise) for c in comps)
   layers = []
-  for cost in tr.costs:
+  for cost, comps in zip(tr.costs, out_comps):
+    op = cost.op
+    if op is not None and any(producers[c] > 1 for c in comps):
+      op = op._replace(joined=True)
     dims = []
     for labels in cost.dims:
       c = comp[labels]
@@ -1125,7 +1207,7 @@ def _layers(tr: _Trace, comp: np.ndarray, groups: list[Group]) -> tuple[Layer, .
           for ch, n in zip(chans.tolist(), counts.tolist()):
             terms.append(Term(gi, (ch,), n))
       dims.append(Dim(int(np.sum(gs < 0)), tuple(terms)))
-    layers.append(Layer(cost.name, cost.primitive, int(cost.const), tuple(dims)))
+    layers.append(Layer(cost.name, cost.primitive, int(cost.const), tuple(dims), op))
   return tuple(layers)
 
 

@@ -83,28 +83,28 @@ def test_flops_model_hand_arithmetic():
   spec = _spec("mlp")
   assert spec.sizes == (8, 16)
   model = FlopsModel.build(spec)
-  assert model.dense_macs == _mlp2_macs(8, 16) == 192
+  assert model.dense_cost == _mlp2_macs(8, 16) == 192
   keep = np.concatenate([np.arange(8) < 5, np.arange(16) < 10])
-  assert float(model.macs(jnp.asarray(keep))) == _mlp2_macs(5, 10) == 90
-  assert float(model.macs(jnp.zeros(24, bool))) == 0
+  assert float(model.cost(jnp.asarray(keep))) == _mlp2_macs(5, 10) == 90
+  assert float(model.cost(jnp.zeros(24, bool))) == 0
 
 
 @pytest.mark.parametrize("name", ["mlp", "digits_cnn", "resnet20"])
 def test_flops_model_agrees_with_spec_cost(name):
   spec = _spec(name)
   model = FlopsModel.build(spec)
-  np.testing.assert_allclose(model.dense_macs, dpm_jax.spec_cost(spec).macs, rtol=1e-7)
-  macs = jax.jit(model.macs)
+  np.testing.assert_allclose(model.dense_cost, dpm_jax.spec_cost(spec).macs, rtol=1e-7)
+  macs = jax.jit(model.cost)
   # MACs are counted in float32 (no x64 in JAX by default): exact below 2**24 (the MLP and
   # the digits CNN), to float32 precision above (ResNet-20 has 40.6M).
-  rtol = 0 if model.dense_macs < 2 ** 24 else 1e-6
+  rtol = 0 if model.dense_cost < 2 ** 24 else 1e-6
   rng = np.random.default_rng(0)
   first = np.isin(np.arange(spec.num_channels), np.cumsum((0,) + spec.sizes[:-1]))
   for density in (0.1, 0.5, 0.9, 1.0):
     keep = (rng.random(spec.num_channels) < density) | first   # spec_cost: none emptied
     assert _macs(spec, keep) == _fast_macs(spec, keep)
     np.testing.assert_allclose(float(macs(jnp.asarray(keep))), _macs(spec, keep), rtol=rtol)
-    assert model.static_macs(keep) == _macs(spec, keep)  # float64 on the host: exact
+    assert model.static_cost(keep) == _macs(spec, keep)  # float64 on the host: exact
   # One group down to its first channel, the others whole.
   for g in range(len(spec.sizes)):
     keep = (_seg(spec) != g) | first
@@ -144,8 +144,8 @@ def test_flops_of_a_spec_with_a_group_declared_unprunable():
   keep = np.arange(16) < 4
   assert dpm_jax.spec_cost(spec, [keep]).macs == 72
   model = FlopsModel.build(spec)
-  assert model.dense_macs == 192
-  assert float(model.macs(jnp.asarray(keep))) == 72
+  assert model.dense_cost == 192
+  assert float(model.cost(jnp.asarray(keep))) == 72
 
 
 def test_check_reachable_without_groups():
@@ -161,8 +161,8 @@ def test_check_reachable_without_groups():
 # select_global.
 
 
-def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
-                      tolerance_macs=0.0, swap_tries=32):
+def _reference_global(spec, scores, candidates, removed, target_cost, minimum,
+                      tolerance=0.0, swap_tries=32):
   """The rule, in plain Python: least important candidate first; skip a channel whose
   group is at its minimum; stop as soon as the MACs meet the target; then give back the
   most important channels just taken while the target still holds; then, while more than
@@ -174,7 +174,7 @@ def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
   count = np.bincount(seg[keep], minlength=len(spec.sizes))
   taken = []
   for c in np.argsort(np.where(candidates & keep, scores, np.inf), kind="stable"):
-    if _fast_macs(spec, keep) <= target_macs or not (candidates[c] and keep[c]):
+    if _fast_macs(spec, keep) <= target_cost or not (candidates[c] and keep[c]):
       break
     if count[seg[c]] - 1 < minimum[seg[c]]:
       continue
@@ -184,11 +184,11 @@ def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
   by_importance = sorted(taken, key=lambda c: -scores[c])
   for c in by_importance:
     keep[c] = True
-    if _fast_macs(spec, keep) > target_macs:
+    if _fast_macs(spec, keep) > target_cost:
       keep[c] = False
   for c in by_importance[:swap_tries]:
     now = _fast_macs(spec, keep)
-    if keep[c] or target_macs - now <= tolerance_macs:
+    if keep[c] or target_cost - now <= tolerance:
       continue
     keep[c] = True
     back = _fast_macs(spec, keep)
@@ -205,10 +205,10 @@ def _reference_global(spec, scores, candidates, removed, target_macs, minimum,
         continue
       trial[d] = False
       count[seg[d]] -= 1
-      if _fast_macs(spec, trial) <= target_macs:
+      if _fast_macs(spec, trial) <= target_cost:
         break
     landed = _fast_macs(spec, trial)
-    if now < landed <= target_macs:
+    if now < landed <= target_cost:
       keep = trial
     else:
       keep[c] = False
@@ -260,9 +260,9 @@ def test_select_global_matches_the_reference_rule(name, seed):
   removed = rng.random(k) < 0.1
   candidates = rng.random(k) < 0.8
   for target in (0.9, 0.55, 0.3):
-    target_macs = np.float32(target * dense)
-    out = _select_global(name, scores, candidates, removed, target_macs, minimum)
-    ref = _reference_global(spec, scores, candidates, removed, target_macs, minimum)
+    target_cost = np.float32(target * dense)
+    out = _select_global(name, scores, candidates, removed, target_cost, minimum)
+    ref = _reference_global(spec, scores, candidates, removed, target_cost, minimum)
     np.testing.assert_array_equal(out, ref, err_msg=f"target {target}")
     assert np.all(out[removed])                       # what was removed stays removed
     assert np.all(candidates[out & ~removed])          # new ones are candidates
@@ -280,7 +280,7 @@ def test_select_global_takes_from_the_least_important_and_lands_under_the_target
   target = np.float32(0.5 * dense)
   # Without exchanges (a tolerance that any landing meets):
   no_exchange = jax.jit(functools.partial(allocation.select_global, FlopsModel.build(spec),
-                                          tolerance_macs=dense))
+                                          tolerance=dense))
   out = np.asarray(no_exchange(jnp.asarray(scores), jnp.ones(k, bool), jnp.zeros(k, bool),
                                target, jnp.asarray(minimum)))
   assert _macs(spec, ~out) <= target
@@ -334,8 +334,8 @@ def test_select_global_lands_within_one_percent_of_the_target_on_the_digits_cnn(
   for seed in range(8):
     scores = np.random.default_rng(seed).random(k).astype(np.float32)
     out = _select_global("digits_cnn", scores, np.ones(k, bool), np.zeros(k, bool),
-                         np.float32(0.5 * model.dense_macs), minimum)
-    worst = min(worst, _macs(spec, ~out) / model.dense_macs)
+                         np.float32(0.5 * model.dense_cost), minimum)
+    worst = min(worst, _macs(spec, ~out) / model.dense_cost)
   assert worst >= 0.49, worst
 
 
@@ -366,10 +366,10 @@ def test_select_uniform_removes_the_same_fraction_of_every_group(name):
   minimum = allocation.min_keep(spec, 1, 0.0)
   sizes = np.asarray(spec.sizes)
   for target in (0.8, 0.5):
-    target_macs = np.float32(target * model.dense_macs)
+    target_cost = np.float32(target * model.dense_cost)
     out = _select(name, "select_uniform", scores, np.ones(k, bool), np.zeros(k, bool),
-                  target_macs, minimum)
-    assert _macs(spec, ~out) <= target_macs
+                  target_cost, minimum)
+    assert _macs(spec, ~out) <= target_cost
     removed = np.asarray([g.sum() for g in _split(spec, out)])
     # One ratio r with removed_g = floor(r * size_g) for every group.
     lo = np.max(removed / sizes)

@@ -160,9 +160,9 @@ def test_a_tick_removes_the_stated_fraction_of_the_remaining_flops():
     event, target, _ = s.event(ctx, s.init(ctx), jnp.asarray(tick), status)
     assert bool(event) and float(target) == pytest.approx(now * 0.9, rel=1e-5)
     removed, _ = alloc.select(ctx, None, scores, status == ACTIVE, status != ACTIVE,
-                              target * ctx.dense_macs, None)
+                              target * ctx.dense_cost, None)
     status = jnp.where(removed, jnp.int8(PRUNED), status)
-    after = float(ctx.macs(status == ACTIVE)) / ctx.dense_macs
+    after = float(ctx.cost_of(status == ACTIVE)) / ctx.dense_cost
     assert now * 0.9 - 0.01 <= after <= now * 0.9 + 1e-6   # within 1% under the tick's target
     now = after
 

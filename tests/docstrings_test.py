@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "dpm_jax.channels",
     "dpm_jax.flops",
+    "dpm_jax.latency",
     "dpm_jax.groups",
     "dpm_jax.surgery",
     "dpm_jax.report",

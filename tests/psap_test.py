@@ -54,7 +54,7 @@ def _adaptive_select(ctx, allocation, params, target):
   k = ctx.num_channels
   scores = jnp.asarray(np.random.default_rng(0).random(k), jnp.float32)
   fn = jax.jit(lambda p: allocation.select(ctx, None, scores, jnp.ones(k, bool),
-                                           jnp.zeros(k, bool), target * ctx.dense_macs, p)[0])
+                                           jnp.zeros(k, bool), target * ctx.dense_cost, p)[0])
   return np.asarray(fn(params))
 
 
@@ -94,7 +94,7 @@ def test_a_sparser_group_gets_a_larger_ratio():
   out = _adaptive_select(ctx, allocations.Adaptive(), sparse_a, 0.6)
   a, b = _removed_shares(ctx, out)
   assert a > b
-  assert ctx.macs(~out) <= 0.6 * ctx.dense_macs
+  assert ctx.cost_of(~out) <= 0.6 * ctx.dense_cost
   # The other way round.
   sparse_b = _mlp2_params(rng.normal(1, 0.1, (4, 8)), _half_small((8, 16), rng))
   a, b = _removed_shares(ctx, _adaptive_select(ctx, allocations.Adaptive(), sparse_b, 0.6))
@@ -135,11 +135,11 @@ def test_bisection_meets_the_flops_target_on_the_zoo(name):
   spec, params = _zoo(name)
   ctx = pruning.Context.build(spec, 0.5)
   out = _adaptive_select(ctx, allocations.Adaptive(), params, 0.5)
-  ratio = float(ctx.macs(~out)) / ctx.dense_macs
+  ratio = float(ctx.cost_of(~out)) / ctx.dense_cost
   # Under the target, by at most the cost of the dearest single channel (counts are whole).
-  dearest = max(float(ctx.dense_macs - ctx.macs(jnp.arange(ctx.num_channels) != c))
+  dearest = max(float(ctx.dense_cost - ctx.cost_of(jnp.arange(ctx.num_channels) != c))
                 for c in np.cumsum((0,) + spec.sizes[:-1]))
-  assert 0.5 - dearest / ctx.dense_macs - 1e-6 <= ratio <= 0.5 + 1e-6, ratio
+  assert 0.5 - dearest / ctx.dense_cost - 1e-6 <= ratio <= 0.5 + 1e-6, ratio
   shares = _removed_shares(ctx, out)
   assert max(shares) <= 0.9 and len(set(np.round(shares, 2))) > 1  # adapted, within p_max
 

@@ -77,14 +77,14 @@ def test_round_widths_keeps_the_important_channels_and_meets_the_target():
   removed = jnp.zeros(k, bool)
   # The allocation left widths 7 and 11 (its least important channels gone).
   selected = jnp.concatenate([jnp.arange(10) < 3, jnp.arange(16) < 5])
-  target = float(model.macs(~selected))
+  target = float(model.cost(~selected))
   index = dpm_jax.channels.ChannelIndex.build(spec)
   out = allocations.round_widths(model, index, scores, jnp.ones(k, bool), removed, selected,
                                  jnp.float32(target), np.array([1, 1]), np.array([4, 8]))
   out = np.asarray(out)
   widths = [int((~out[:10]).sum()), int((~out[10:]).sum())]
   assert widths[0] % 4 == 0 and widths[1] % 8 == 0, widths
-  assert float(model.macs(jnp.asarray(~out))) <= target
+  assert float(model.cost(jnp.asarray(~out))) <= target
   # Within a group the least important channels go first.
   for part in (out[:10], out[10:]):
     n = int(part.sum())

@@ -26,6 +26,7 @@ from flax import nnx
 import dpm_jax
 from dpm_jax import channels
 from dpm_jax import checkpoint
+from dpm_jax import latency
 from dpm_jax import pruning
 from dpm_jax import recipes
 from dpm_jax import report
@@ -37,8 +38,11 @@ TRAJECTORIES = "trajectories.npz"
 _EPOCH_FIELDS = {"start_epoch": "start_step", "end_epoch": "end_step",
                  "interval_epochs": "interval", "tick_epochs": "tick_steps",
                  "tock_epochs": "tock_steps", "release_epochs": "release_steps"}
+# What `config.pruning.target_flops` may be a fraction of (`config.pruning.cost`).
+COSTS = ("flops", "latency")
 # Fields that are not options of a recipe's parts.
 _RUN_FIELDS = {"enabled", "method", "criterion", "allocation", "removal", "target_flops",
+               "cost", "latency_step", "latency_batch",
                "epochs", "learning_rate", "lr_schedule", "record_every_steps",
                "finetune_epochs", "finetune_learning_rate", "finetune_lr_schedule"}
 
@@ -67,6 +71,37 @@ def recipe_from_config(pc: ml_collections.ConfigDict, steps_per_epoch: int) -> r
   return recipes.PRESETS[pc.method](target_flops=pc.target_flops, **names, **options)
 
 
+def _validate_cost(pc: ml_collections.ConfigDict) -> None:
+  cost = pc.get("cost", "flops")
+  if cost not in COSTS:
+    raise loop.ConfigError(f"config.pruning.cost={cost!r}; choose one of {', '.join(COSTS)}.")
+  if cost != "latency":
+    return
+  step = pc.get("latency_step")
+  if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    raise loop.ConfigError(f"config.pruning.latency_step={step!r} must be an int >= 1.")
+  batch = pc.get("latency_batch")
+  if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+    raise loop.ConfigError(f"config.pruning.latency_batch={batch!r} must be None or an "
+                           "int >= 1.")
+  multiples = pc.round_to if isinstance(pc.round_to, (tuple, list)) else (pc.round_to,)
+  if any(m % step for m in multiples):
+    raise loop.ConfigError(
+        f"config.pruning.round_to={pc.round_to!r} with cost='latency': the latency table "
+        f"times widths in multiples of latency_step={step} only (others are not measured, "
+        f"and often run slower). Set round_to to a multiple of {step}, e.g. "
+        f"--config.pruning.round_to={step}.")
+
+
+def latency_cost(pc: ml_collections.ConfigDict, spec: dpm_jax.GroupSpec,
+                 batch_size: int) -> latency.LatencyTable:
+  """The latency table of `spec` on this device, at `config.pruning.latency_batch` (or
+  `batch_size`): measured once, then read from `latency.DEFAULT_CACHE_DIR`."""
+  batch = pc.get("latency_batch") or batch_size
+  return latency.measure_latency(spec, step=pc.latency_step, batch=batch,
+                                 cache_dir=latency.DEFAULT_CACHE_DIR)
+
+
 def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """Raises `loop.ConfigError` for a pruning config that cannot work, before any training."""
   pc = config.pruning
@@ -76,6 +111,7 @@ def validate_pruning_config(config: ml_collections.ConfigDict, steps_per_epoch: 
     raise loop.ConfigError(
         f"config.pruning: {e} Change the field in the config file or with "
         "--config.pruning.<field>=...") from e
+  _validate_cost(pc)
   prune_steps = round(pc.epochs * steps_per_epoch)
   if recipe.last_step >= prune_steps:
     raise loop.ConfigError(
@@ -224,6 +260,11 @@ def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: A
   recipe = recipe_from_config(pc, steps_per_epoch)
   image = jnp.asarray(_sample_batch(config)["image"][:1])
   spec = dpm_jax.trace_groups(_model(graphdefs.eval, params, batch_stats), image)
+  if pc.get("cost", "flops") == "latency":
+    with timing.TIMINGS.section("latency table"):
+      recipe = recipe.replace(cost=latency_cost(pc, spec, config.batch_size))
+    logging.info("Latency target: %s of the dense network's predicted %.2f ms (%s)",
+                 pc.target_flops, 1e3 * recipe.cost(spec).dense_cost, recipe.cost)
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
                            lr_schedule=pc.lr_schedule)
   tx = dpm_jax.prune(loop.create_optimizer(prune_cfg, steps_per_epoch), spec, recipe)
@@ -344,6 +385,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       "released_channels": int((traj.released > 0).sum()),
       "releases": int(traj.released.sum()),
   }
+  if pc.get("cost", "flops") == "latency":
+    cost = recipe.cost(spec)
+    kept = jnp.asarray(np.concatenate(keep)) if keep else jnp.zeros(0, bool)
+    result["predicted_latency_ratio"] = float(cost.cost(kept)) / cost.dense_cost
   writer.replace({"phase": "result", **result})  # once, also when a finished run is run again
   (workdir / "result.json").write_text(json.dumps(result, indent=2))
   summary = {

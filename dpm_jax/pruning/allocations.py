@@ -1,10 +1,11 @@
-"""Allocations: which channels to remove at an event, to meet the event's FLOPs target.
+"""Allocations: which channels to remove at an event, to meet the event's cost target.
 
 ``Global`` ranks all channels together (DepGraph); ``Uniform`` removes the same fraction of
 every group (SFP, magnitude pruning). Both never leave a group with fewer than
 ``min_channels`` channels (nor fewer than ``min_fraction`` of them). The pure functions below
-are jittable over flat ``[K]`` channel vectors (see ``dpm_jax.channels``); the FLOPs of any
-keep configuration come from ``dpm_jax.flops.FlopsModel``.
+are jittable over flat ``[K]`` channel vectors (see ``dpm_jax.channels``); the cost of any
+keep configuration comes from a ``dpm_jax.flops.CostModel``: MACs (``FlopsModel``) or
+predicted latency (``dpm_jax.latency.LatencyModel``).
 
 Example:
 
@@ -17,7 +18,7 @@ Example:
   >>> v = {'w1': jnp.ones((4, 8)), 'w2': jnp.ones((8, 2))}
   >>> spec = groups.trace_groups_fn(mlp, v, jnp.zeros((1, 4)))
   >>> model = FlopsModel.build(spec)
-  >>> float(model.macs(jnp.ones(8)))            # 4*8 + 8*2
+  >>> float(model.cost(jnp.ones(8)))            # 4*8 + 8*2
   48.0
   >>> scores = jnp.arange(8.0)
   >>> removed = allocations.select_global(model, scores, jnp.ones(8, bool),
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpm_jax import channels
-from dpm_jax.flops import FlopsModel
+from dpm_jax.flops import CostModel
 from dpm_jax.groups import GroupSpec
 from dpm_jax.pruning.base import Allocation, Context, State, check_float, check_int
 
@@ -54,23 +55,24 @@ def min_keep(spec: GroupSpec, min_channels: int, min_fraction: float) -> np.ndar
   return np.minimum(floor, sizes).astype(np.int32)
 
 
-def check_reachable(model: FlopsModel, spec: GroupSpec, minimum: np.ndarray,
+def check_reachable(model: CostModel, spec: GroupSpec, minimum: np.ndarray,
                     target_flops: float,
                     guard: str = "the min_channels/min_fraction guard") -> None:
-  """Raises if ``target_flops`` cannot be met with every group at its minimum width."""
+  """Raises if ``target_flops`` (a fraction of ``model``'s dense cost) cannot be met with
+  every group at its minimum width."""
   if not spec.groups:
     if target_flops < 1.0:
-      raise ValueError("The model has no prunable channel groups, so no FLOPs target below "
+      raise ValueError("The model has no prunable channel groups, so no cost target below "
                        "1.0 can be met.")
     return
   # The cheapest configuration at the minimum: keep each group's first `minimum` channels
   # (all channels of a group cost the same wherever the group is whole).
   keep = np.concatenate([np.arange(n) < m for n, m in zip(spec.sizes, minimum)])
-  lowest = model.static_macs(keep) / model.dense_macs
+  lowest = model.static_cost(keep) / model.dense_cost
   if lowest > target_flops + 1e-9:
     raise ValueError(
         f"target_flops={target_flops} cannot be met: with the minimum channels per group "
-        f"the network keeps {lowest:.3f} of its FLOPs (unprunable layers and {guard}). "
+        f"the network keeps {lowest:.3f} of its {model.unit} (unprunable layers and {guard}). "
         "Raise target_flops or loosen the guard.")
 
 
@@ -78,28 +80,28 @@ def _group_counts(seg: jax.Array, mask: jax.Array, num_groups: int) -> jax.Array
   return jax.ops.segment_sum(mask.astype(jnp.int32), seg, num_groups)
 
 
-def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
-                  removed: jax.Array, target_macs: jax.Array,
-                  minimum: jax.Array, tolerance_macs: jax.Array | float = 0.0,
+def select_global(model: CostModel, scores: jax.Array, candidates: jax.Array,
+                  removed: jax.Array, target_cost: jax.Array,
+                  minimum: jax.Array, tolerance: jax.Array | float = 0.0,
                   swap_tries: int = 32) -> jax.Array:
-  """Removes the least important candidates, across groups, until MACs <= ``target_macs``.
+  """Removes the least important candidates, across groups, until cost <= ``target_cost``.
 
   Channels go in order of importance until the target is met; then the most important of
   the channels just taken are given back, one by one, while the target still holds, so
-  the MACs land just under the target rather than up to one channel's cost below it; last,
-  while the MACs are more than ``tolerance_macs`` under the target, up to ``swap_tries`` of
+  the cost lands just under the target rather than up to one channel's cost below it; last,
+  while the cost is more than ``tolerance`` under the target, up to ``swap_tries`` of
   the most important taken channels may each be exchanged for the least important
   candidates cheaper than it, taken in order until the target is met, when that lands
   closer to it (importance traded for precision, within the guard).
 
   Args:
-    model: the FLOPs model.
+    model: the cost model (MACs or latency).
     scores: ``[K]`` importance (already normalised for comparison across groups).
     candidates: ``[K]`` channels that may be selected now.
     removed: ``[K]`` channels already selected (they count as gone).
-    target_macs: the MACs to reach.
+    target_cost: the cost to reach.
     minimum: ``[G]`` fewest channels to leave per group.
-    tolerance_macs: how far under the target is close enough (no swaps).
+    tolerance: how far under the target is close enough (no swaps).
     swap_tries: how many taken channels may be swapped.
 
   Returns:
@@ -117,16 +119,16 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), seg_sorted[:, None], axis=1)[:, 0]
   kept_now = _group_counts(seg, ~removed, num_groups)
   allowed = cand_sorted & (kept_now[seg_sorted] - rank >= minimum[seg_sorted])
-  # MACs after removing each prefix of the allowed channels, in order.
+  # The cost after removing each prefix of the allowed channels, in order.
   dims0 = model.dim_sizes(~removed)                                      # [D]
   w_sorted = jnp.asarray(model.weights)[:, order] * allowed[None, :]     # [D, K]
   dims = jnp.concatenate([dims0[:, None], dims0[:, None] - jnp.cumsum(w_sorted, axis=1)], 1)
-  macs = model.macs_of_dims(dims)                                    # [K + 1]
-  reached = macs <= target_macs
-  n = jnp.where(jnp.any(reached), jnp.argmax(reached), macs.shape[0] - 1)
+  costs = model.cost_of_dims(dims)                                   # [K + 1]
+  reached = costs <= target_cost
+  n = jnp.where(jnp.any(reached), jnp.argmax(reached), costs.shape[0] - 1)
   take_sorted = allowed & (jnp.arange(order.shape[0]) < n)
   take = jnp.zeros_like(candidates).at[order].set(take_sorted)
-  # The prefix undershoots the target by up to one channel's MACs (several percent in a
+  # The prefix undershoots the target by up to one channel's cost (several percent in a
   # small network). Give back the most important channels just taken while the target
   # still holds: the result lands just under the target.
   back = jnp.argsort(jnp.where(take, -scores, jnp.inf))
@@ -136,13 +138,13 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     take, dims = carry
     c = back[i]
     more = dims + weights[:, c]
-    ok = take[c] & (model.macs_of_dims(more) <= target_macs)
+    ok = take[c] & (model.cost_of_dims(more) <= target_cost)
     return take.at[c].set(take[c] & ~ok), jnp.where(ok, more, dims)
 
   dims_n = dims[:, jnp.minimum(n, dims.shape[1] - 1)]
   take, dims_now = jax.lax.fori_loop(0, order.shape[0], give_back, (take, dims_n))
 
-  # Still short of the target by more than `tolerance_macs` but by less than any taken
+  # Still short of the target by more than `tolerance` but by less than any taken
   # channel's cost: exchange one of the most important taken channels for the least
   # important candidates cheaper than it, taken in order until the target is met, when that
   # lands closer to the target (the guard still holds).
@@ -151,12 +153,12 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   def swap(i, carry):
     take, dims_now = carry
     c = back[i]
-    macs_now = model.macs_of_dims(dims_now)
+    cost_now = model.cost_of_dims(dims_now)
     returned = dims_now + weights[:, c]                               # [D]
-    macs_back = model.macs_of_dims(returned)
-    single = macs_back - model.macs_of_dims(returned[:, None] - weights)  # [K] each's cost
+    cost_back = model.cost_of_dims(returned)
+    single = cost_back - model.cost_of_dims(returned[:, None] - weights)  # [K] each's cost
     gone = removed | take
-    ok = candidates & ~gone & (jnp.arange(k) != c) & (single < macs_back - macs_now)
+    ok = candidates & ~gone & (jnp.arange(k) != c) & (single < cost_back - cost_now)
     order_d = jnp.argsort(jnp.where(ok, scores, jnp.inf))
     ok_sorted, seg_d = ok[order_d], seg[order_d]
     hot = (seg_d[:, None] == jnp.arange(num_groups)[None, :]) & ok_sorted[:, None]
@@ -164,11 +166,11 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
     counts = _group_counts(seg, ~gone, num_groups).at[seg[c]].add(1)
     allowed_d = ok_sorted & (counts[seg_d] - rank_d >= minimum[seg_d])
     dims_seq = returned[:, None] - jnp.cumsum(weights[:, order_d] * allowed_d[None, :], axis=1)
-    macs_seq = model.macs_of_dims(dims_seq)                           # [K]
-    reached = macs_seq <= target_macs
+    cost_seq = model.cost_of_dims(dims_seq)                           # [K]
+    reached = cost_seq <= target_cost
     n = jnp.argmax(reached)
-    accept = (take[c] & jnp.any(reached) & (macs_seq[n] > macs_now)
-              & (target_macs - macs_now > tolerance_macs))
+    accept = (take[c] & jnp.any(reached) & (cost_seq[n] > cost_now)
+              & (target_cost - cost_now > tolerance))
     chosen = jnp.zeros_like(take).at[order_d].set(allowed_d & (jnp.arange(k) <= n))
     take = jnp.where(accept, take.at[c].set(False) | chosen, take)
     return take, jnp.where(accept, dims_seq[:, n], dims_now)
@@ -177,8 +179,8 @@ def select_global(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
   return removed | take
 
 
-def select_by_ratios(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
-                     removed: jax.Array, target_macs: jax.Array, minimum: jax.Array,
+def select_by_ratios(model: CostModel, scores: jax.Array, candidates: jax.Array,
+                     removed: jax.Array, target_cost: jax.Array, minimum: jax.Array,
                      ratios: Callable[[jax.Array], jax.Array], upper: jax.Array | float,
                      iterations: int = 30) -> jax.Array:
   """Removes ``floor(ratios(x)[g] * size_g)`` channels of every group ``g`` (its least
@@ -208,7 +210,7 @@ def select_by_ratios(model: FlopsModel, scores: jax.Array, candidates: jax.Array
   def body(_, bounds):
     lo, hi = bounds
     mid = 0.5 * (lo + hi)
-    ok = model.macs(~selection(mid)) <= target_macs
+    ok = model.cost(~selection(mid)) <= target_cost
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
   upper = jnp.asarray(upper, jnp.float32)
@@ -216,14 +218,14 @@ def select_by_ratios(model: FlopsModel, scores: jax.Array, candidates: jax.Array
   return selection(hi)
 
 
-def select_uniform(model: FlopsModel, scores: jax.Array, candidates: jax.Array,
-                   removed: jax.Array, target_macs: jax.Array, minimum: jax.Array,
+def select_uniform(model: CostModel, scores: jax.Array, candidates: jax.Array,
+                   removed: jax.Array, target_cost: jax.Array, minimum: jax.Array,
                    iterations: int = 30) -> jax.Array:
   """Removes the same fraction of every group (least important first) to meet the target.
 
   The fraction is found by bisection; arguments and result as for ``select_global``.
   """
-  return select_by_ratios(model, scores, candidates, removed, target_macs, minimum,
+  return select_by_ratios(model, scores, candidates, removed, target_cost, minimum,
                           lambda x: jnp.full(minimum.shape, x), 1.0, iterations)
 
 
@@ -265,7 +267,7 @@ def normalize(index: channels.ChannelIndex, scores: jax.Array,
 class GuardedAllocation(Allocation):
   """An allocation that never leaves a group with fewer than ``min_channels`` channels, nor
   with fewer than ``min_fraction`` of them (rounded up); its ``check`` fails early when the
-  FLOPs target cannot be met within that guard."""
+  cost target cannot be met within that guard."""
 
   min_channels: int = 1
   min_fraction: float = 0.0
@@ -280,18 +282,18 @@ class GuardedAllocation(Allocation):
     return min_keep(spec, self.min_channels, self.min_fraction)
 
   def check(self, ctx: Context) -> None:
-    check_reachable(ctx.flops, ctx.spec, self.minimum(ctx.spec), ctx.target_flops)
+    check_reachable(ctx.cost, ctx.spec, self.minimum(ctx.spec), ctx.target_flops)
 
 
 @dataclasses.dataclass(frozen=True)
 class Global(GuardedAllocation):
   """Ranks every channel of every group together and removes the least important until the
-  event's MACs are met (DepGraph's global pruning; see ``select_global``).
+  event's cost is met (DepGraph's global pruning; see ``select_global``).
 
   Attributes:
     min_channels: never leave a group with fewer channels than this...
     min_fraction: ... nor with fewer than this fraction of its channels (rounded up).
-    flops_tolerance: land at most this fraction of the dense FLOPs under an event's target
+    flops_tolerance: land at most this fraction of the dense cost under an event's target
       when a swap can (our choice; DepGraph stops at the first channel that meets it).
     normalize: divide scores by their group's mean over its kept channels first, so that
       groups of different scale compare (DepGraph); ``False`` ranks raw scores.
@@ -307,21 +309,21 @@ class Global(GuardedAllocation):
       raise ValueError(f"Global: normalize={self.normalize!r} must be a bool.")
 
   def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
-             removed: jax.Array, target_macs: jax.Array,
+             removed: jax.Array, target_cost: jax.Array,
              params: Any) -> tuple[jax.Array, State]:
     del params
     if self.normalize:
       scores = normalize(ctx.index, scores, where=~removed)
-    selected = select_global(ctx.flops, scores, candidates, removed, target_macs,
+    selected = select_global(ctx.cost, scores, candidates, removed, target_cost,
                              jnp.asarray(self.minimum(ctx.spec)),
-                             tolerance_macs=self.flops_tolerance * ctx.dense_macs)
+                             tolerance=self.flops_tolerance * ctx.dense_cost)
     return selected, state
 
 
 @dataclasses.dataclass(frozen=True)
 class Uniform(GuardedAllocation):
   """Removes the same fraction of every group, the least important channels of each, to meet
-  the event's MACs (see ``select_uniform``).
+  the event's cost (see ``select_uniform``).
 
   Attributes:
     min_channels: never leave a group with fewer channels than this...
@@ -329,10 +331,10 @@ class Uniform(GuardedAllocation):
   """
 
   def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
-             removed: jax.Array, target_macs: jax.Array,
+             removed: jax.Array, target_cost: jax.Array,
              params: Any) -> tuple[jax.Array, State]:
     del params
-    selected = select_uniform(ctx.flops, scores, candidates, removed, target_macs,
+    selected = select_uniform(ctx.cost, scores, candidates, removed, target_cost,
                               jnp.asarray(self.minimum(ctx.spec)))
     return selected, state
 
@@ -357,7 +359,7 @@ class Adaptive(GuardedAllocation):
   not public: before each selection every group's sparsity ``s_g`` is measured
   (``weight_sparsity`` or ``channel_sparsity``), its ratio is
   ``p_g = clip(alpha * s_g / mean(s), p_min, p_max)`` (``adaptive_ratios``), with ``alpha``
-  found by bisection so that the event's FLOPs target is met, and within each group the
+  found by bisection so that the event's cost target is met, and within each group the
   least important candidates go (``select_by_ratios``).
 
   Attributes:
@@ -399,7 +401,7 @@ class Adaptive(GuardedAllocation):
     # At best every group gives up p_max of its channels.
     sizes = np.asarray(ctx.spec.sizes)
     floor = np.maximum(self.minimum(ctx.spec), sizes - np.floor(self.p_max * sizes))
-    check_reachable(ctx.flops, ctx.spec, np.minimum(floor, sizes).astype(np.int32),
+    check_reachable(ctx.cost, ctx.spec, np.minimum(floor, sizes).astype(np.int32),
                     ctx.target_flops, guard=f"p_max={self.p_max} with the min_channels/"
                     "min_fraction guard")
 
@@ -410,7 +412,7 @@ class Adaptive(GuardedAllocation):
     return channel_sparsity(ctx.index, params, self.channel_fraction)
 
   def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
-             removed: jax.Array, target_macs: jax.Array,
+             removed: jax.Array, target_cost: jax.Array,
              params: Any) -> tuple[jax.Array, State]:
     sparsity = self.group_sparsity(ctx, params)
     relative = adaptive_ratios(sparsity, jnp.float32(1.0), 0.0, jnp.inf)
@@ -418,7 +420,7 @@ class Adaptive(GuardedAllocation):
     smallest = jnp.min(jnp.where(relative > 0, relative, jnp.inf))
     upper = jnp.where(jnp.isfinite(smallest), self.p_max / smallest, self.p_max)
     ratios = lambda alpha: adaptive_ratios(sparsity, alpha, self.p_min, self.p_max)
-    selected = select_by_ratios(ctx.flops, scores, candidates, removed, target_macs,
+    selected = select_by_ratios(ctx.cost, scores, candidates, removed, target_cost,
                                 jnp.asarray(self.minimum(ctx.spec)), ratios, upper,
                                 self.iterations)
     return selected, state
@@ -443,15 +445,15 @@ def rounded_minimum(sizes: np.ndarray, minimum: np.ndarray, multiples: np.ndarra
   return np.where(up >= sizes, sizes, up).astype(np.int32)
 
 
-def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Array,
+def round_widths(model: CostModel, index: channels.ChannelIndex, scores: jax.Array,
                  candidates: jax.Array, removed: jax.Array, selected: jax.Array,
-                 target_macs: jax.Array, minimum: np.ndarray,
+                 target_cost: jax.Array, minimum: np.ndarray,
                  multiples: np.ndarray) -> jax.Array:
   """Moves an allocation's ``selected`` channels so that every group keeps a multiple of
-  its ``multiples`` entry (or its full width), with the MACs still at or under the target.
+  its ``multiples`` entry (or its full width), with the cost still at or under the target.
 
   Each group starts at the allowed width at or above what the allocation left it (fewer
-  channels removed; never more than it had before the event), then, while the MACs are
+  channels removed; never more than it had before the event), then, while the cost is
   over the target, one group steps down one multiple: the step that lands closest under
   the target if one does, else the one losing the least important channels (mean score,
   normalised by the group's mean); last, groups step back up while the target holds. Within a group the
@@ -460,13 +462,13 @@ def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Ar
   GPUs, 128 on TPU lanes).
 
   Args:
-    model: the FLOPs model.
+    model: the cost model (MACs or latency).
     index: the channel index (for normalising scores per group).
     scores: ``[K]`` importance.
     candidates: ``[K]`` channels the removal prefers to select.
     removed: ``[K]`` channels already gone before the event.
     selected: ``[K]`` the allocation's selection (``removed`` included).
-    target_macs: the MACs to reach.
+    target_cost: the cost to reach.
     minimum: ``[G]`` fewest channels per group (the allocation's guard).
     multiples: ``[G]`` the width multiple of every group.
 
@@ -505,8 +507,8 @@ def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Ar
   def selection(widths):
     return removed | (available & (rank < (avail - widths)[seg]))
 
-  def macs_of(widths):
-    return model.macs(~selection(widths))
+  def cost_of(widths):
+    return model.cost(~selection(widths))
 
   def step_down(widths):
     return jnp.maximum(allowed_down(widths - 1), jnp.minimum(lowest, widths))
@@ -519,17 +521,17 @@ def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Ar
     # channels (mean score over the group's mean).
     lower = step_down(widths)
     trials = jnp.where(eye, lower[None, :], widths[None, :])             # [G, G]
-    macs = jax.vmap(macs_of)(trials)                                     # [G]
+    costs = jax.vmap(cost_of)(trials)                                    # [G]
     open_ = lower < widths
-    lands = open_ & (macs <= target_macs)
+    lands = open_ & (costs <= target_cost)
     losing = (available & (rank >= (avail - widths)[seg])
               & (rank < (avail - lower)[seg]))
     lost = jax.ops.segment_sum(jnp.where(losing, norm, 0.0), seg, num_groups)
     count = jax.ops.segment_sum(losing.astype(jnp.float32), seg, num_groups)
     cost = jnp.where(open_, lost / jnp.maximum(count, 1.0), jnp.inf)
-    g = jnp.where(jnp.any(lands), jnp.argmax(jnp.where(lands, macs, -jnp.inf)),
+    g = jnp.where(jnp.any(lands), jnp.argmax(jnp.where(lands, costs, -jnp.inf)),
                   jnp.argmin(cost))
-    over = macs_of(widths) > target_macs
+    over = cost_of(widths) > target_cost
     return jnp.where(over & jnp.any(open_), trials[g], widths)
 
   # At most every multiple of every group, one at a time.
@@ -542,7 +544,7 @@ def round_widths(model: FlopsModel, index: channels.ChannelIndex, scores: jax.Ar
     g = i % num_groups
     higher = jnp.minimum(allowed_up(widths + 1), jnp.maximum(allowed_down(avail), widths))
     trial = widths.at[g].set(higher[g])
-    return jnp.where(macs_of(trial) <= target_macs, trial, widths)
+    return jnp.where(cost_of(trial) <= target_cost, trial, widths)
 
   widths = jax.lax.fori_loop(0, steps, come_back, widths)
   return selection(widths)

@@ -43,6 +43,7 @@ optimizer moves least go first):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -51,7 +52,7 @@ import numpy as np
 import optax
 
 from dpm_jax.channels import ChannelIndex
-from dpm_jax.flops import FlopsModel
+from dpm_jax.flops import CostModel, FlopsModel
 from dpm_jax.groups import GroupSpec, Path
 
 __all__ = [
@@ -85,23 +86,25 @@ class Context:
   Attributes:
     spec: the channel groups.
     index: maps between the params tree and flat ``[K]`` channel vectors.
-    flops: the jittable MAC model of any keep configuration.
-    target_flops: the recipe's final fraction of the dense FLOPs.
+    cost: the jittable cost of any keep configuration: MACs (``FlopsModel``, the default)
+      or predicted latency (``dpm_jax.latency``).
+    target_flops: the recipe's final fraction of the dense network's cost.
     last_event: the step of the schedule's last event (None: not known), after which parts
       must let the pruning settle (``SelfRectifying`` stops releasing).
   """
 
   spec: GroupSpec
   index: ChannelIndex
-  flops: FlopsModel
+  cost: CostModel
   target_flops: float
   last_event: int | None = None
 
   @classmethod
   def build(cls, spec: GroupSpec, target_flops: float, prefix: Path = (),
+            cost: Callable[[GroupSpec], CostModel] = FlopsModel.build,
             last_event: int | None = None) -> Context:
-    return cls(spec, ChannelIndex.build(spec, prefix), FlopsModel.build(spec), target_flops,
-               last_event)
+    """The context of ``spec``; ``cost`` builds its cost model (a recipe's ``cost``)."""
+    return cls(spec, ChannelIndex.build(spec, prefix), cost(spec), target_flops, last_event)
 
   @property
   def num_channels(self) -> int:
@@ -117,12 +120,13 @@ class Context:
     return self.index.segment_ids
 
   @property
-  def dense_macs(self) -> float:
-    return self.flops.dense_macs
+  def dense_cost(self) -> float:
+    """The cost of the whole network."""
+    return self.cost.dense_cost
 
-  def macs(self, keep: jax.Array) -> jax.Array:
-    """MACs of the network with the ``[K]`` channels ``keep``."""
-    return self.flops.macs(keep)
+  def cost_of(self, keep: jax.Array) -> jax.Array:
+    """The cost of the network with the ``[K]`` channels ``keep``."""
+    return self.cost.cost(keep)
 
 
 class Step(NamedTuple):
@@ -165,7 +169,7 @@ class Criterion:
 
 
 class Allocation:
-  """Which channels go at an event, to bring the network to the event's MACs."""
+  """Which channels go at an event, to bring the network to the event's cost."""
 
   def init(self, ctx: Context, params: Any) -> State:
     del ctx, params
@@ -180,7 +184,7 @@ class Allocation:
     return np.ones(len(spec.groups), np.int32)
 
   def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
-             removed: jax.Array, target_macs: jax.Array,
+             removed: jax.Array, target_cost: jax.Array,
              params: Any) -> tuple[jax.Array, State]:
     """The ``[K]`` channels removed after this selection (``removed`` plus the new ones).
 
@@ -190,7 +194,7 @@ class Allocation:
       scores: ``[K]`` the criterion's importance.
       candidates: ``[K]`` channels that may be selected now.
       removed: ``[K]`` channels already removed (they count as gone).
-      target_macs: the MACs to reach.
+      target_cost: the cost to reach (``ctx.cost``'s unit: MACs, or seconds).
       params: the parameters the selection is made from.
     """
     raise NotImplementedError

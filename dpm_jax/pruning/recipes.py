@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from dpm_jax.flops import CostModel, FlopsModel
+from dpm_jax.groups import GroupSpec
 from dpm_jax.pruning import allocations
 from dpm_jax.pruning import criteria
 from dpm_jax.pruning import regularizers
@@ -87,7 +89,8 @@ class Recipe:
 
   Attributes:
     target_flops: the fraction of the dense network's FLOPs that remains at the end (0.5
-      halves the MACs), counted from the traced layers (``dpm_jax.spec_cost``).
+      halves the MACs), counted from the traced layers (``dpm_jax.spec_cost``); with a
+      latency ``cost``, the fraction of its predicted latency.
     criterion: channel importance (``dpm_jax.pruning.criteria``).
     allocation: which channels go at an event (``dpm_jax.pruning.allocations``).
     schedule: when events happen (``dpm_jax.pruning.schedules``).
@@ -97,6 +100,10 @@ class Recipe:
       value for all groups or a tuple with one per group; 1 (the default) leaves widths as
       the allocation chooses. 8 suits GPUs, 128 TPU lanes: uneven widths can make a
       pruned network no faster (see ``allocations.round_widths``).
+    cost: builds the cost ``target_flops`` is a fraction of from the spec:
+      ``FlopsModel.build`` (MACs, the default) or a ``dpm_jax.latency.LatencyTable``
+      (predicted latency on the device it was measured on; ``round_to`` must then be a
+      multiple of the table's ``step``).
   """
 
   target_flops: float
@@ -106,6 +113,7 @@ class Recipe:
   removal: Removal
   regularizer: Regularizer | None = None
   round_to: int | tuple[int, ...] = 1
+  cost: Callable[[GroupSpec], CostModel] = FlopsModel.build
 
   def __post_init__(self):
     t = self.target_flops
@@ -121,6 +129,10 @@ class Recipe:
                              and v >= 1 for v in values):
       raise ValueError(f"Invalid pruning recipe: round_to={r!r} must be an int >= 1 (or a "
                        "tuple of them, one per group): every group keeps a multiple of it.")
+    if not callable(self.cost):
+      raise TypeError(f"Invalid pruning recipe: cost={self.cost!r} must build a cost model "
+                      "from the spec: FlopsModel.build (the default) or a "
+                      "dpm_jax.latency.LatencyTable.")
     for kind, (base, method) in _KINDS.items():
       part = getattr(self, kind)
       if part is None and kind == "regularizer":
@@ -176,10 +188,12 @@ def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, s
     schedule: a ``Schedule`` class (built with the options it takes) or a ``Schedule``.
     removal: a name in ``REMOVALS`` or a ``Removal``.
     regularizer: a ``Regularizer`` or ``None``.
-    **options: fields of the parts built from names, and the recipe's ``round_to``.
+    **options: fields of the parts built from names, and the recipe's ``round_to`` and
+      ``cost``.
   """
   options = dict(options)
   round_to = options.pop("round_to", 1)
+  cost = options.pop("cost", FlopsModel.build)
   parts = {
       "criterion": _part("criterion", criterion, CRITERIA, options),
       "allocation": _part("allocation", allocation, ALLOCATIONS, options),
@@ -189,7 +203,7 @@ def make(method: str, target_flops: float, *, criterion: Any, allocation: Any, s
     schedule = schedule(**{k: options.pop(k) for k in list(options) if k in _fields(schedule)})
   parts["schedule"] = schedule
   _done(method, options, parts)
-  return Recipe(target_flops, regularizer=regularizer, round_to=round_to, **parts)
+  return Recipe(target_flops, regularizer=regularizer, round_to=round_to, cost=cost, **parts)
 
 
 def depgraph(target_flops: float = 0.5, removal: str | Removal = "hard", *,

@@ -181,7 +181,7 @@ class TickTock(Schedule):
     since, pos = self._position(count)
     tick = ((since >= 0) & (pos < self.ticks_per_tock * self.tick_steps)
             & (pos % self.tick_steps == 0) & (count <= self.end_step))
-    now = ctx.macs(status == ACTIVE) / ctx.dense_macs
+    now = ctx.cost_of(status == ACTIVE) / ctx.dense_cost
     event = tick & (now > ctx.target_flops * (1 + 1e-6))
     next_target = jnp.maximum(ctx.target_flops, now * (1 - self.tick_fraction))
     target = jnp.where(event, next_target, state).astype(jnp.float32)

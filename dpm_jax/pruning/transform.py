@@ -3,7 +3,8 @@
 ``prune(inner, spec, recipe)`` wraps an inner optax optimizer. Its state holds the inner state
 and the ``PruneState``. Each step it
 
-1. asks the schedule whether the step is an event, and the FLOPs target in force;
+1. asks the schedule whether the step is an event, and the target in force (a fraction of
+   the dense network's FLOPs, or of its predicted latency: the recipe's ``cost``);
 2. adds the regularizer's term to the gradients and runs the inner optimizer (``x~ = x + u``);
 3. at an event, lets the removal reopen earlier selections (soft pruning) and selects
    channels: the criterion scores them, the removal names the candidates, the allocation
@@ -105,24 +106,33 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
     to ``inner`` (or ignored if it takes none).
 
   Raises:
-    ValueError: a target the allocation's guard cannot reach (before training starts), or
-      params that do not match the spec (at ``init``).
+    ValueError: a target the allocation's guard cannot reach (before training starts), a
+      ``round_to`` off the widths the recipe's cost knows, or params that do not match the
+      spec (at ``init``).
   """
   if not isinstance(recipe, Recipe):
     raise TypeError(f"recipe must be a dpm_jax.recipes.Recipe, got {type(recipe).__name__}.")
-  ctx = Context.build(spec, recipe.target_flops, prefix, recipe.schedule.last_event)
-  recipe.allocation.check(ctx)
+  ctx = Context.build(spec, recipe.target_flops, prefix, recipe.cost,
+                      recipe.schedule.last_event)
   multiples = allocations.round_multiples(spec, recipe.round_to)
+  step = ctx.cost.width_step
+  if np.any(multiples % step):
+    raise ValueError(
+        f"Invalid pruning recipe: round_to={recipe.round_to!r} with a cost ({ctx.cost.unit}) "
+        f"known only at widths in multiples of {step} (a latency table measured with "
+        f"step={step}): other widths are not measured, and often run slower. Set the "
+        f"recipe's round_to to a multiple of {step}.")
+  recipe.allocation.check(ctx)
   rounding = bool((multiples > 1).any())
   minimum = np.asarray(recipe.allocation.minimum(spec))
   if rounding:
     allocations.check_reachable(
-        ctx.flops, spec, allocations.rounded_minimum(np.asarray(spec.sizes), minimum, multiples),
+        ctx.cost, spec, allocations.rounded_minimum(np.asarray(spec.sizes), minimum, multiples),
         recipe.target_flops, guard=f"round_to={recipe.round_to} with the allocation's guard")
   criterion, allocation, schedule, removal = (recipe.criterion, recipe.allocation,
                                                recipe.schedule, recipe.removal)
   regularizer = recipe.regularizer
-  dense = ctx.dense_macs
+  dense = ctx.dense_cost
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -135,24 +145,24 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
         optax.EmptyState() if regularizer is None else regularizer.init(ctx, params)))
 
   def select(status, parts, params, target, count):
-    """Selects at ``target`` (fraction of dense FLOPs) from ``params``; ``parts`` are the
+    """Selects at ``target`` (fraction of the dense cost) from ``params``; ``parts`` are the
     criterion, allocation and removal states."""
     crit_st, alloc_st, rem_st = parts
     scores = criterion.score(ctx, crit_st, params)
     active = status == ACTIVE
     removed = ~active
-    target_macs = target * dense
+    target_cost = target * dense
     allocate = lambda candidates: allocation.select(ctx, alloc_st, scores, candidates, removed,
-                                                    target_macs, params)
+                                                    target_cost, params)
     # The removal's candidates are a preference (cooldown, protection); the target is not:
     # when they cannot meet it, every active channel is a candidate.
     candidates = removal.candidates(ctx, rem_st, status, count) & active
     preferred = allocate(candidates)
-    short = ctx.macs(~preferred[0]) > target_macs * (1 + 1e-6)
+    short = ctx.cost_of(~preferred[0]) > target_cost * (1 + 1e-6)
     selected, alloc_st = jax.lax.cond(short, lambda: allocate(active), lambda: preferred)
     if rounding:  # every group's width a multiple of its round_to
-      selected = allocations.round_widths(ctx.flops, ctx.index, scores, candidates, removed,
-                                          selected, target_macs, minimum, multiples)
+      selected = allocations.round_widths(ctx.cost, ctx.index, scores, candidates, removed,
+                                          selected, target_cost, minimum, multiples)
     new = selected & ~removed
     status, rem_st = removal.mark(ctx, rem_st, status, new, params)
     return status, (crit_st, alloc_st, rem_st), new
