@@ -58,3 +58,16 @@ def test_a_failed_run_is_recorded_with_its_error(tmp_path):
   record = json.loads(line)
   assert 'cannot be met' in record['error']
   assert 'failed' in (tmp_path / 'table.md').read_text()
+
+
+def test_the_readme_table_is_written_between_its_markers(tmp_path):
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'# x\n\n{methods.README_START}\nold\n{methods.README_END}\nafter\n')
+  record = {'key': 'mnist1d/depgraph/0.1/0', 'dataset': 'mnist1d', 'method': 'depgraph',
+            'budget': 0.1, 'seed': 0, 'dense_test_accuracy': 0.97,
+            'surgery_test_accuracy': 0.95, 'test_accuracy': 0.96, 'flops_ratio': 0.099,
+            'params_ratio': 0.2, 'releases': 0, 'wall_s': 30.0}
+  methods.update_readme(readme, {record['key']: record})
+  text = readme.read_text()
+  assert 'old' not in text and text.endswith(f'{methods.README_END}\nafter\n')
+  assert '| DepGraph | 1 | 97.0 | 95.0 | 96.0 | 9.9% | 20.0% | 0 | 30 |' in text
