@@ -17,7 +17,8 @@ import dpm_jax
 from dpm_jax import channels
 from dpm_jax import pruning
 from dpm_jax import recipes
-from dpm_jax.pruning import ACTIVE, PRUNED, PUSHED, criteria, regularizers, removals, schedules
+from dpm_jax.pruning import (ACTIVE, DECAYING, PRUNED, PUSHED, criteria, regularizers, removals,
+                             schedules)
 
 
 class _ConvBN(nnx.Module):
@@ -200,6 +201,34 @@ def test_half_space_projection_removes_exactly_the_channels_that_leave_it():
                                    jax.tree.map(lambda a: a + 1.0, landed), jnp.zeros(4, bool))
   np.testing.assert_array_equal(np.asarray(again["w1"])[:, 1:3], 0.0)
   assert out2.tolist()[1:3] == [PRUNED, PRUNED]
+
+
+def test_self_rectifying_stops_after_the_last_event_except_under_the_projection():
+  rng = np.random.default_rng(1)
+  v = {"w1": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b1": jnp.zeros(4),
+       "w2": jnp.ones((4, 2))}
+  spec = dpm_jax.trace_groups_fn(_mlp, v, jnp.zeros((1, 3)))
+  sr = removals.SelfRectifying(decay_steps=10, min_decay_steps=1, rate_threshold=-0.5,
+                               len_threshold=0.0, logic="or", release_steps=3)
+  status = jnp.asarray([DECAYING, ACTIVE, ACTIVE, ACTIVE], jnp.int8)
+  grads = jax.tree.map(jnp.ones_like, v)
+  stepped = {"w1": v["w1"] * 1.1, "b1": v["b1"], "w2": v["w2"]}  # channel 0's norm grows
+
+  def released(removal, count):
+    ctx = pruning.Context.build(spec, 0.5, last_event=10)
+    state = removal.init(ctx, v)._replace(  # HalfSpace's state is its removal's
+        decay_step=jnp.asarray([5, 0, 0, 0]),
+        init_norm=jnp.sqrt(channels.sq_norms(ctx.index, v)))
+    step = pruning.Step(v, grads, jax.tree.map(lambda a, b: a - b, stepped, v),
+                        jnp.asarray(count), jnp.asarray(False))
+    _, out, _, freed = removal.land(ctx, state, status, step, stepped, jnp.zeros(4, bool))
+    return bool(freed[0]) and int(out[0]) == ACTIVE
+
+  assert released(sr, 12)          # within release_steps of the last event (10)
+  assert not released(sr, 13)      # after it: the decay goes on, the pruning settles
+  # Under OTOv2's projection the decays start when channels are projected, any time:
+  # releases are not cut off.
+  assert released(removals.HalfSpace(then=sr), 13)
 
 
 def test_half_space_push_acts_on_redundant_channels_only():

@@ -595,7 +595,9 @@ class HalfSpace(Removal):
   ``then``: zeroed at once and held there (``Hard``: OTOv2), or from there decayed over
   ``decay_steps`` (``SmoothPruning``: DPM's +SP replaces the projection's jump) and maybe
   released (``SelfRectifying``: +SR). A pushed channel the projection has not removed by
-  the end is cut by ``finalize``.
+  the end is cut by ``finalize``. The projection, not the schedule, starts the decays, so
+  self-rectifying here may release until the end (our reading): ``finalize`` cuts what has
+  not settled, as it cuts what the projection has not removed.
 
   Attributes:
     eps: the half-space threshold (the reference: 0.9).
@@ -635,4 +637,6 @@ class HalfSpace(Removal):
     projected = (status == PUSHED) & (trial < self.eps * x_sq)
     status, state = self.then.mark(ctx, state, jnp.where(projected, jnp.int8(ACTIVE), status),
                                    projected, step.params)
-    return self.then.land(ctx, state, status, step, stepped, projected)
+    # Decays start at projections, which go on after the last event: no release deadline.
+    return self.then.land(dataclasses.replace(ctx, last_event=None), state, status, step,
+                          stepped, projected)
