@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.round_to = 1
   # What target_flops is a fraction of: 'flops' (MACs counted from the trace) or 'latency'
   # (the network's latency on this device, predicted from a table of every layer timed at
-  # widths in multiples of latency_step, measured when the prune phase starts and cached in
-  # ~/.cache/dpm_jax/latency; round_to must then be a multiple of latency_step).
+  # widths in multiples of latency_step, measured when the run plans its prune phase and
+  # cached in ~/.cache/dpm_jax/latency; round_to must then be a multiple of latency_step).
   pruning.cost = 'flops'
   pruning.latency_step = 8  # Widths the latency table times: multiples of this (and the full).
   # Batch the latency is timed at; None: batch_size.
