@@ -90,8 +90,9 @@ class _Spec:
   # Python time, which threads only contend for; large JPEGs decode in C
   # without the GIL.
   read_threads: int = 0
-  # Small enough to decode whole, once per process: batches are then gathered from the
-  # arrays (the same values and order as reading record by record, several times faster).
+  # Small enough to decode whole when an iterator starts: batches are then gathered from
+  # the arrays (the same values and order as reading record by record, several times
+  # faster).
   in_memory: bool = False
 
 
@@ -335,17 +336,17 @@ def _train_example(
   return _record(image, example['label'], spec)
 
 
-@functools.lru_cache(maxsize=8)
 def _split_arrays(
     name: str, split: str, data_dir: str | None
 ) -> dict[str, np.ndarray]:
-  """A whole split, decoded and normalized as `_eval_example` does, stacked."""
+  """A whole split, decoded and normalized as `_eval_example` does, stacked.
+
+  Read afresh for every iterator (tens of milliseconds for these splits): a cache across
+  iterators could serve data that has changed on disk since.
+  """
   source = _data_source(name, split, data_dir)
   examples = [_eval_example(source[i], name=name) for i in range(len(source))]
-  arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-  for array in arrays.values():
-    array.setflags(write=False)  # Shared by every iterator of the process.
-  return arrays
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def _gather(arrays: dict[str, np.ndarray], indices: np.ndarray) -> Batch:
