@@ -213,7 +213,6 @@ class BackgroundCompiledStep:
     self._avals = _avals((state_like, batch_like))
     self._compiled = None
     self._use = None
-    self.seconds = 0.0  # Of the compile, in its thread.
     self._thread = threading.Thread(
         target=self._compile, args=(state_like, batch_like), name='compile-train-step')
 
@@ -224,13 +223,11 @@ class BackgroundCompiledStep:
     return self
 
   def _compile(self, state_like: PyTree, batch_like: PyTree) -> None:
-    begin = time.perf_counter()
     try:
       self._compiled = self.step_fn.lower(state_like, batch_like).compile()
     except Exception:  # pylint: disable=broad-except  # The jitted step raises it again.
       logging.warning('Compiling the train step in the background failed; it compiles at '
                       'its first call instead.', exc_info=True)
-    self.seconds = time.perf_counter() - begin
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     if self._use is None:  # The first call: checked once, then trusted.
