@@ -14,8 +14,9 @@ method's config, the budget as `--config.pruning.target_flops` and the seed as
 DepGraph with sparse learning, Gate Decorator and OTOv2, each as the base method (hard
 removal), + SP (DPM's smooth pruning) and + SR (smooth pruning and self-rectifying); SFP and
 PSAP after pretraining and from scratch. The datasets: MNIST-1D (the main benchmark) and the
-8x8 digits; `--datasets cifar10` runs ResNet-56 where its data is prepared (see
-configs/cifar10_*.py), a flag away for users who have it.
+8x8 digits; `--datasets cifar10` runs the papers' CIFAR-10 networks (ResNet-56, and VGG-16-BN
+for Gate Decorator and OTOv2; configs/cifar10_matrix.py) for users who have the data
+(`--override=--config.data_dir=/path/to/tensorflow_datasets`) and an accelerator.
 
 Writes into `--out` (default runs/methods): `results.jsonl` (one JSON line per finished
 run: the cell, accuracy right after pruning and surgery and after fine-tuning, FLOPs and
@@ -61,8 +62,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "psap": ("psap", "PSAP"),
     "psap_scratch": ("psap_scratch", "PSAP from scratch"),
 }
-# Dataset -> the prefix of its configs.
-DATASETS = {"mnist1d": "mnist1d", "digits": "digits", "cifar10": "cifar10_resnet56"}
+# Dataset -> the prefix of its configs (configs/<prefix>_<method's suffix>.py), or a config
+# file that takes the method as its argument (`--config=<file>:<method>`).
+DATASETS = {"mnist1d": "mnist1d", "digits": "digits", "cifar10": "cifar10_matrix.py"}
 BUDGETS = (0.5, 0.2, 0.1)
 SEEDS = (0, 1, 2)
 
@@ -73,14 +75,19 @@ class Cell(NamedTuple):
   budget: float
   seed: int
   overrides: tuple[str, ...] = ()  # Further `--config.<field>=<value>` flags.
+  variant: str = ""  # Names the overrides in the key, when cells differ only by them.
 
   @property
   def key(self) -> str:
-    return f"{self.dataset}/{self.method}/{self.budget:g}/{self.seed}"
+    method = f"{self.method}@{self.variant}" if self.variant else self.method
+    return f"{self.dataset}/{method}/{self.budget:g}/{self.seed}"
 
   @property
   def config(self) -> str:
-    return f"configs/{DATASETS[self.dataset]}_{METHODS[self.method][0]}.py"
+    prefix = DATASETS[self.dataset]
+    if prefix.endswith(".py"):
+      return f"configs/{prefix}:{self.method}"
+    return f"configs/{prefix}_{METHODS[self.method][0]}.py"
 
   def command(self, workdir: pathlib.Path) -> list[str]:
     return [sys.executable, "-m", "train.main", f"--config={self.config}",
@@ -97,7 +104,7 @@ def cells(datasets, methods, budgets, seeds, overrides=()) -> list[Cell]:
       for method in methods:
         for seed in seeds:
           cell = Cell(dataset, method, float(budget), int(seed), tuple(overrides))
-          if (ROOT / cell.config).exists():
+          if (ROOT / cell.config.split(":")[0]).exists():
             out.append(cell)
   return out
 
@@ -136,7 +143,7 @@ def run_cell(cell: Cell, out: pathlib.Path) -> dict[str, Any]:
   record.update({k: result[k] for k in (
       "dense_test_accuracy", "prune_test_accuracy", "surgery_test_accuracy", "test_accuracy",
       "flops_ratio", "params_ratio", "released_channels", "releases",
-      "surgery_max_abs_diff")})
+      "surgery_max_abs_diff", "widths")})
   shutil.rmtree(workdir, ignore_errors=True)  # Checkpoints: hundreds of runs add up.
   return record
 

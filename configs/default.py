@@ -67,7 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'gate_decorator', 'otov2'.
   pruning.method = 'depgraph'
   pruning.criterion = ''  # Override the preset's criterion ('l1', 'l2', 'group_l2'); '' keeps it.
-  pruning.allocation = ''  # Override the preset's allocation ('global', 'uniform'); '' keeps it.
+  # Override the preset's allocation ('global', 'uniform', 'adaptive', 'widths'); '' keeps it.
+  pruning.allocation = ''
+  # 'widths': the channels every group ends with, in the spec's group order, e.g. the
+  # `widths` of another run's result.json: --config.pruning.widths='(8, 13, 20)'.
+  pruning.widths = ()
   # 'hard' (base method), 'soft' (SFP's base), 'dpm_sp' (+ smooth pruning), 'dpm' (+ SR).
   pruning.removal = 'dpm'
   pruning.target_flops = 0.5  # Fraction of the dense network's FLOPs that remains.

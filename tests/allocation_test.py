@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -379,3 +380,74 @@ def test_select_uniform_removes_the_same_fraction_of_every_group(name):
     for g, s in zip(_split(spec, out), _split(spec, scores)):
       if g.any() and not g.all():
         assert s[g].max() <= s[~g].min()
+
+
+def _widths_select(name, widths, target, scores, removed=None):
+  spec = _spec(name)
+  k = spec.num_channels
+  alloc = allocation.Widths(widths=tuple(widths))
+  ctx = dpm_jax.pruning.Context.build(spec, target)
+  alloc.check(ctx)
+  removed = np.zeros(k, bool) if removed is None else removed
+  select = jax.jit(lambda s, r, t: alloc.select(ctx, None, s, jnp.ones(k, bool), r, t, None)[0])
+  return lambda t: np.asarray(select(jnp.asarray(scores, jnp.float32), jnp.asarray(removed),
+                                     jnp.float32(t * ctx.dense_cost)))
+
+
+def test_widths_reaches_the_widths_at_the_final_target_and_shares_the_way_there():
+  spec = _spec("digits_cnn")
+  sizes = np.asarray(spec.sizes)
+  widths = np.maximum(sizes // 4, 1)
+  widths[0] = sizes[0] - 1          # one group nearly whole, as a released-into group is
+  keep = np.concatenate([np.arange(n) < w for n, w in zip(sizes, widths)])
+  final = _macs(spec, keep) / dpm_jax.spec_cost(spec).macs
+  scores = np.random.default_rng(1).random(spec.num_channels)
+  select = _widths_select("digits_cnn", widths, final, scores)
+  out = select(final)
+  assert [int((~g).sum()) for g in _split(spec, out)] == widths.tolist()
+  for g, s in zip(_split(spec, out), _split(spec, scores)):   # the least important go
+    if g.any() and not g.all():
+      assert s[g].max() <= s[~g].min()
+  # Half way: every group has lost about the same share of what it must lose in all.
+  halfway = (1 + final) / 2
+  out = select(halfway)
+  assert _macs(spec, ~out) <= halfway * dpm_jax.spec_cost(spec).macs
+  lost = np.asarray([g.sum() for g in _split(spec, out)])
+  share = lost / (sizes - widths)
+  assert 0 < share.max() < 1
+  assert share.max() - share.min() <= 1 / (sizes - widths).min() + 1e-6, share
+
+
+def test_widths_check_refuses_what_it_cannot_do():
+  spec = _spec("mlp")                      # groups of 8 and 16 channels
+  ctx = dpm_jax.pruning.Context.build(spec, 0.5)
+  with pytest.raises(ValueError, match="no widths given"):
+    allocation.Widths().check(ctx)
+  with pytest.raises(ValueError, match="2 channel groups"):
+    allocation.Widths(widths=(4,)).check(ctx)
+  with pytest.raises(ValueError, match="keeps 9 of 8"):
+    allocation.Widths(widths=(9, 4)).check(ctx)
+  # 6 and 12 channels keep 4*6 + 6*12 + 2*12 = 120 of 192 MACs: over a 0.5 target.
+  with pytest.raises(ValueError, match="0.6250 of the dense FLOPs, above target_flops=0.5"):
+    allocation.Widths(widths=(6, 12)).check(ctx)
+  allocation.Widths(widths=(4, 8)).check(ctx)   # 16 + 32 + 16 = 64 MACs
+  with pytest.raises(ValueError, match="tuple of ints >= 1"):
+    allocation.Widths(widths=(4, 0))
+
+
+def test_widths_through_the_prune_transform_ends_at_the_widths():
+  spec = _spec("mlp")
+  widths = (3, 5)
+  final = _mlp2_macs(*widths) / _mlp2_macs(8, 16)
+  recipe = dpm_jax.recipes.depgraph(final, allocation=allocation.Widths(widths=widths),
+                                    num_events=3, start_step=0, end_step=4)
+  params = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s)
+            in enumerate(MLP2_SHAPES.items())}
+  tx = dpm_jax.prune(optax.sgd(0.01), spec, recipe)
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(grads, s, p))
+  for _ in range(6):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert [int(m.sum()) for m in dpm_jax.keep_masks(state)] == list(widths)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import methods
 
 
@@ -9,6 +11,31 @@ def test_every_method_has_a_config_on_both_datasets():
   for dataset in ('mnist1d', 'digits'):
     found = {c.method for c in methods.cells([dataset], methods.METHODS, [0.5], [0])}
     assert found == set(methods.METHODS), dataset
+
+
+def test_the_cifar10_matrix_has_every_method_and_each_config_can_work():
+  from configs import cifar10_matrix  # pylint: disable=g-import-not-at-top
+  from train import pruning, train  # pylint: disable=g-import-not-at-top
+  cells = methods.cells(['cifar10'], methods.METHODS, [0.47], [0])
+  assert {c.method for c in cells} == set(methods.METHODS) == set(cifar10_matrix.METHODS)
+  models = {}
+  for cell in cells:
+    assert cell.config == f'configs/cifar10_matrix.py:{cell.method}'
+    config = cifar10_matrix.get_config(cell.method)
+    config.pruning.target_flops = cell.budget
+    train.validate_config(config)
+    steps_per_epoch = 50_000 // config.batch_size
+    pruning.validate_pruning_config(config, steps_per_epoch)
+    base, _, removal = cell.method.partition('+')
+    assert config.pruning.removal == {'': config.pruning.removal, 'sp': 'dpm_sp',
+                                      'sr': 'dpm'}[removal]
+    assert (config.num_epochs == 0) == cell.method.endswith('_scratch')
+    models[base] = config.model
+  # The DPM paper's networks: ResNet-56 for DepGraph, VGG-16-BN for Gate Decorator and OTOv2.
+  assert models['depgraph'] == models['psap'] == 'resnet56'
+  assert models['gate_decorator'] == models['otov2'] == 'vgg16_bn'
+  with pytest.raises(ValueError, match='unknown method'):
+    cifar10_matrix.get_config('depgraph+xx')
 
 
 def test_a_cell_is_one_command_line_run():

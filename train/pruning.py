@@ -384,6 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       "surgery_max_abs_diff": surgery_diff,
       "released_channels": int((traj.released > 0).sum()),
       "releases": int(traj.released.sum()),
+      "widths": [int(k.sum()) for k in keep],  # Per group, in the spec's order.
   }
   if pc.get("cost", "flops") == "latency":
     cost = recipe.cost(spec)

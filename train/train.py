@@ -235,5 +235,6 @@ def train_and_evaluate(
         dense_metrics=final,
         prune_plan=prune_plan,
     )
-  logging.info('Final: %s', ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
+  logging.info('Final: %s', ', '.join(
+      f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in sorted(final.items())))
   return final

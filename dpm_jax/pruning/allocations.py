@@ -42,7 +42,7 @@ from dpm_jax.flops import CostModel
 from dpm_jax.groups import GroupSpec
 from dpm_jax.pruning.base import Allocation, Context, State, check_float, check_int
 
-__all__ = ["GuardedAllocation", "Global", "Uniform", "Adaptive", "min_keep", "check_reachable",
+__all__ = ["GuardedAllocation", "Global", "Uniform", "Adaptive", "Widths", "min_keep", "check_reachable",
            "normalize", "select_global", "select_uniform", "select_by_ratios",
            "weight_sparsity", "channel_sparsity", "adaptive_ratios", "round_multiples",
            "rounded_minimum", "round_widths"]
@@ -422,6 +422,89 @@ class Adaptive(GuardedAllocation):
     ratios = lambda alpha: adaptive_ratios(sparsity, alpha, self.p_min, self.p_max)
     selected = select_by_ratios(ctx.cost, scores, candidates, removed, target_cost,
                                 jnp.asarray(self.minimum(ctx.spec)), ratios, upper,
+                                self.iterations)
+    return selected, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Widths(Allocation):
+  """Brings every group to a given width: the widths of another run, without its ranking.
+
+  At an event every group gives up the same share ``x`` of the channels it must lose in
+  all (``size - width``; its least important candidates), ``x`` the smallest that meets the
+  event's cost (bisection); at the events whose target is the recipe's final one, every
+  group is brought to its width exactly. What it is for: separating what a method's
+  allocation does from what its removal does, e.g. DepGraph's hard removal with the widths
+  that DPM's self-rectifying ended at (``result.json``'s ``widths`` of that run).
+
+  Attributes:
+    widths: the channels every group keeps, in the spec's group order (``print(spec)``).
+    iterations: bisection steps for ``x``.
+
+  Example:
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from dpm_jax import groups
+    >>> from dpm_jax.flops import FlopsModel
+    >>> from dpm_jax.pruning import allocations, base
+    >>> def mlp(v, x):
+    ...   return jnp.maximum(x @ v['w1'], 0) @ v['w2']
+    >>> v = {'w1': jnp.ones((4, 8)), 'w2': jnp.ones((8, 2))}
+    >>> ctx = base.Context.build(groups.trace_groups_fn(mlp, v, jnp.zeros((1, 4))), 0.25)
+    >>> alloc = allocations.Widths(widths=(2,))
+    >>> alloc.check(ctx)   # 2 of 8 channels cost 0.25 of the dense MACs
+    >>> removed, _ = alloc.select(ctx, alloc.init(ctx, v), jnp.arange(8.0), jnp.ones(8, bool),
+    ...                           jnp.zeros(8, bool), 0.25 * ctx.dense_cost, v)
+    >>> np.nonzero(~np.asarray(removed))[0].tolist()   # the two most important stay
+    [6, 7]
+  """
+
+  widths: tuple[int, ...] = ()
+  iterations: int = 30
+
+  def __post_init__(self):
+    if (not isinstance(self.widths, (tuple, list))
+        or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1
+               for w in self.widths)):
+      raise ValueError(f"Widths: widths={self.widths!r} must be a tuple of ints >= 1, one per "
+                       "channel group in the spec's order.")
+    object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+    check_int("Widths", "iterations", self.iterations, 1)
+
+  def minimum(self, spec: GroupSpec) -> np.ndarray:
+    return np.asarray(self.widths, np.int32)
+
+  def check(self, ctx: Context) -> None:
+    sizes = np.asarray(ctx.spec.sizes)
+    if not self.widths:
+      raise ValueError("Widths: no widths given; give the channels every group keeps, one per "
+                       "group in the spec's order (print(spec) lists the groups; a run's "
+                       "result.json holds its final widths).")
+    if len(self.widths) != len(sizes):
+      raise ValueError(f"Widths: {len(self.widths)} widths given but the model has "
+                       f"{len(sizes)} channel groups; give one per group in the spec's order "
+                       "(print(spec) lists them).")
+    over = [(g.name, w, n) for g, w, n in zip(ctx.spec.groups, self.widths, sizes) if w > n]
+    if over:
+      raise ValueError("Widths: wider than the group: " + ", ".join(
+          f"{name} keeps {w} of {n}" for name, w, n in over) + ".")
+    keep = np.concatenate([np.arange(n) < w for n, w in zip(sizes, self.widths)])
+    cost = ctx.cost.static_cost(keep) / ctx.cost.dense_cost
+    if cost > ctx.target_flops + 1e-9:
+      raise ValueError(f"Widths: the widths keep {cost:.4f} of the dense {ctx.cost.unit}, above "
+                       f"target_flops={ctx.target_flops}; set target_flops to at least "
+                       f"{cost:.4f} or give narrower widths.")
+
+  def select(self, ctx: Context, state: State, scores: jax.Array, candidates: jax.Array,
+             removed: jax.Array, target_cost: jax.Array,
+             params: Any) -> tuple[jax.Array, State]:
+    del params
+    sizes = np.asarray(ctx.spec.sizes, np.float32)
+    full = (sizes - np.asarray(self.widths, np.float32) + 1e-3) / sizes  # + 1e-3: floor safe
+    final = target_cost <= ctx.target_flops * ctx.dense_cost * (1 + 1e-6)
+    ratios = lambda x: jnp.where(final, full, x * full)
+    selected = select_by_ratios(ctx.cost, scores, candidates, removed, target_cost,
+                                jnp.asarray(self.minimum(ctx.spec)), ratios, 1.0,
                                 self.iterations)
     return selected, state
 

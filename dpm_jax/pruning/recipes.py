@@ -70,6 +70,7 @@ ALLOCATIONS: Mapping[str, type[Allocation]] = {
     "global": allocations.Global,
     "uniform": allocations.Uniform,
     "adaptive": allocations.Adaptive,
+    "widths": allocations.Widths,
 }
 REMOVALS: Mapping[str, type[Removal]] = {
     "hard": removals.Hard,
