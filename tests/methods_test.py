@@ -98,3 +98,19 @@ def test_the_readme_table_is_written_between_its_markers(tmp_path):
   text = readme.read_text()
   assert 'old' not in text and text.endswith(f'{methods.README_END}\nafter\n')
   assert '| DepGraph | 1 | 97.0 | 95.0 | 96.0 | 9.9% | 20.0% | 0 | 30 |' in text
+
+
+def test_the_paper_comparison_puts_our_gains_beside_the_published_ones():
+  results = {}
+  for method, accs in (('otov2', (0.950, 0.960)), ('otov2+sp', (0.955, 0.965)),
+                       ('otov2+sr', (0.970, 0.972))):
+    for seed, acc in enumerate(accs):
+      key = f'mnist1d/{method}/0.1/{seed}'
+      results[key] = {'key': key, 'dataset': 'mnist1d', 'method': method, 'budget': 0.1,
+                      'seed': seed, 'test_accuracy': acc}
+  text = methods.paper_comparison(results)
+  row = next(line for line in text.splitlines() if line.startswith('| OTOv2 |'))
+  assert '93.40 / 93.60 / 93.80 (26.5 / 26.4 / 25.8%) | +0.20, +0.40' in row
+  # Means 95.5 / 96.0 / 97.1; the largest std over seeds is 0.7 (base and + SP).
+  assert row.endswith('95.5 / 96.0 / 97.1 (+- 0.7, 2 seeds) | +0.5, +1.6 |')
+  assert methods.paper_comparison({}) == ''
