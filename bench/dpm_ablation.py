@@ -22,7 +22,8 @@ dense FLOPs, where the methods matrix shows + SR ahead of the base method), over
 Every cell is one run of the command line program (the command is in `results.jsonl`), as in
 `bench/methods.py`, whose runner this uses; finished cells are skipped. Writes
 `results.jsonl`, `table.md` and each run's log under `logs/` into `--out` (default
-runs/dpm_ablation).
+runs/dpm_ablation); the cells of a seed resume from one shared pretraining
+(`bench.methods.pretrained`), which gives the same results as running each command alone.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _run(cells: list[methods.Cell], results: dict[str, dict[str, Any]],
   todo = [c for c in cells if c.key not in results]
   begin = time.perf_counter()
   for i, cell in enumerate(todo):
-    record = methods.run_cell(cell, out)
+    record = methods.run_cell(cell, out, methods.pretrained(cell, out))
     with open(out / "results.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
     results[cell.key] = record

@@ -25,12 +25,18 @@ budget, mean +- standard deviation over seeds, in the shape of the papers' table
 `accuracy_vs_flops_<dataset>.png` and `finetuning_<dataset>.png`, and each run's log under
 `logs/`. Cells already in `results.jsonl` are skipped, so the matrix can be run in parts and
 resumed. Every run is deterministic for its seed (the same cell gives the same accuracy).
+The cells of a seed share one pretraining: it runs once (pruning off) into
+`pretrained/`, and each cell's workdir starts from a copy of it, which the program resumes
+from exactly, so a cell's record is what its command gives in an empty workdir (`--cold`
+runs every pretraining again; `wall_s` is the cell's own run, without the shared
+pretraining).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import pathlib
@@ -121,10 +127,71 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   return results
 
 
-def run_cell(cell: Cell, out: pathlib.Path) -> dict[str, Any]:
-  """Runs one cell in a fresh workdir; returns its record."""
+def _load_config(config: str):
+  """The ConfigDict of a `--config=` value (a file, or `file.py:argument`)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  path, _, argument = config.partition(":")
+  module = importlib.import_module(path[:-len(".py")].replace("/", "."))
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def pretrain_key(cell: Cell) -> str:
+  """Names the pretraining a cell starts from: the same for every cell whose config, but for
+  `config.pruning`, its overrides outside `config.pruning`, and its seed are the same."""
+  config = _load_config(cell.config).to_dict()
+  config.pop("pruning")
+  outside = sorted(o for o in cell.overrides if not o.startswith("--config.pruning."))
+  text = json.dumps([config, outside], sort_keys=True, default=repr)
+  return f"{cell.dataset}_{hashlib.sha256(text.encode()).hexdigest()[:12]}_seed{cell.seed}"
+
+
+def pretrained(cell: Cell, out: pathlib.Path) -> pathlib.Path | None:
+  """A workdir holding only the pretraining of `cell` (its `pretrain/` checkpoints and their
+  metrics), run once (pruning off) and shared by the cells with the same `pretrain_key`;
+  None when the cell does not pretrain (pruning from scratch) or that run failed."""
+  outside = [o for o in cell.overrides if not o.startswith("--config.pruning.")]
+  if (_load_config(cell.config).num_epochs == 0
+      and not any(o.startswith("--config.num_epochs=") for o in outside)):
+    return None
+  path = out / "pretrained" / pretrain_key(cell)
+  if (path / "pretrain").is_dir():
+    return path
+  work = path.with_name(path.name + ".tmp")
+  shutil.rmtree(work, ignore_errors=True)
+  command = [sys.executable, "-m", "train.main", f"--config={cell.config}", f"--workdir={work}",
+             f"--config.seed={cell.seed}", "--config.pruning.enabled=False",
+             "--config.progress_bar=False", *outside]
+  log = out / "logs" / f"pretrained_{path.name}.log"
+  log.parent.mkdir(parents=True, exist_ok=True)
+  with open(log, "w") as f:
+    done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
+  if done.returncode != 0 or not (work / "pretrain").is_dir():
+    shutil.rmtree(work, ignore_errors=True)
+    return None
+  for entry in work.iterdir():
+    if entry.name not in ("pretrain", "metrics.jsonl"):
+      shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  metrics = work / "metrics.jsonl"
+  lines = [line for line in metrics.read_text().splitlines()
+           if line.strip() and json.loads(line)["phase"] == "pretrain"]
+  metrics.write_text("".join(line + "\n" for line in lines))
+  work.rename(path)
+  return path
+
+
+def run_cell(cell: Cell, out: pathlib.Path,
+             warm_start: pathlib.Path | None = None) -> dict[str, Any]:
+  """Runs one cell in a fresh workdir; returns its record.
+
+  With `warm_start` (a workdir from `pretrained`), the workdir starts with that pretraining,
+  which the run resumes from rather than running it again: the program resumes exactly, so
+  the record is the one the cell's command gives in an empty workdir (without the time of
+  the pretraining).
+  """
   workdir = out / "work" / cell.key.replace("/", "_")
   shutil.rmtree(workdir, ignore_errors=True)  # A killed run's leftovers would be resumed.
+  if warm_start is not None:
+    shutil.copytree(warm_start, workdir)
   log = out / "logs" / (cell.key.replace("/", "_") + ".log")
   log.parent.mkdir(parents=True, exist_ok=True)
   command = cell.command(workdir)
@@ -133,7 +200,8 @@ def run_cell(cell: Cell, out: pathlib.Path) -> dict[str, Any]:
     done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
   wall = time.perf_counter() - begin
   record = {"key": cell.key, **cell._asdict(), "config": cell.config,
-            "command": " ".join(command[1:]), "wall_s": round(wall, 1)}
+            "command": " ".join(command[1:]), "wall_s": round(wall, 1),
+            "warm_start": warm_start is not None}
   result_file = workdir / "result.json"
   if done.returncode != 0 or not result_file.exists():
     lines = log.read_text().strip().splitlines()
@@ -327,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--override", action="append", default=[], metavar="--config.F=V",
                       help="a further config flag for every run (repeatable); the results "
                            "then belong in their own --out")
+  parser.add_argument("--cold", action="store_true",
+                      help="run every cell's pretraining itself, rather than resuming from "
+                           "the pretraining shared by the cells of its seed (same results)")
   parser.add_argument("--table-only", action="store_true",
                       help="write the table and plots from the results so far; run nothing")
   parser.add_argument("--readme", type=pathlib.Path, default=None,
@@ -346,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(todo)} runs to do, {done_before} finished in {results_file}", flush=True)
     begin = time.perf_counter()
     for i, cell in enumerate(todo):
-      record = run_cell(cell, out)
+      record = run_cell(cell, out, None if args.cold else pretrained(cell, out))
       with open(results_file, "a") as f:
         f.write(json.dumps(record) + "\n")
       results[cell.key] = record

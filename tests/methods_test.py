@@ -57,13 +57,19 @@ def test_a_cell_run_twice_gives_the_same_result_and_finished_cells_are_skipped(t
   args = ['--datasets', 'digits', '--methods', 'depgraph+sr', '--budgets', '0.5', '--seeds',
           '0', *SHORT]
   records = []
-  for out in (tmp_path / 'a', tmp_path / 'b'):
-    methods.main([*args, '--out', str(out)])
+  # 'a' resumes from the seed's shared pretraining, 'b' runs the cell's command as it is.
+  for out, cold in ((tmp_path / 'a', []), (tmp_path / 'b', ['--cold'])):
+    methods.main([*args, '--out', str(out), *cold])
     (line,) = (out / 'results.jsonl').read_text().splitlines()
     records.append(json.loads(line))
   first, again = records
   assert 'error' not in first, first
-  for key in ('surgery_test_accuracy', 'test_accuracy', 'flops_ratio', 'params_ratio',
+  assert first['warm_start'] and not again['warm_start']
+  (shared,) = (tmp_path / 'a' / 'pretrained').iterdir()
+  assert sorted(p.name for p in shared.iterdir()) == ['metrics.jsonl', 'pretrain']
+  assert not (tmp_path / 'b' / 'pretrained').exists()
+  for key in ('dense_test_accuracy', 'surgery_test_accuracy', 'test_accuracy', 'flops_ratio',
+              'params_ratio',
               'releases'):
     assert first[key] == again[key], key
   assert abs(first['flops_ratio'] - 0.5) < 0.02
