@@ -101,12 +101,15 @@ def _row(label: str, runs: list[dict[str, Any]]) -> str:
   col = lambda k, **kw: methods._mean_std([r[k] for r in ok], **kw)  # noqa: E731
   failed = len(runs) - len(ok)
   seeds = f"{len(ok)}" + (f" ({failed} failed)" if failed else "")
+  widths = [r["widths"] for r in ok if "widths" in r]
+  widths = (" / ".join(f"{statistics.fmean(w):.0f}" for w in zip(*widths))
+            if widths and len(widths) == len(ok) else "-")
   return (f"| {label} | {seeds} | {col('surgery_test_accuracy')} | {col('test_accuracy')} | "
-          f"{col('flops_ratio')}% | {col('releases', scale=1.0, digits=0)} |")
+          f"{col('flops_ratio')}% | {col('releases', scale=1.0, digits=0)} | {widths} |")
 
 
-_HEAD = ["| {} | seeds | after pruning | fine-tuned | FLOPs left | releases |",
-         "|---|---|---|---|---|---|"]
+_HEAD = ["| {} | seeds | after pruning | fine-tuned | FLOPs left | releases | "
+         "widths (mean) |", "|---|---|---|---|---|---|---|"]
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
