@@ -332,9 +332,15 @@ CONSTANT = "meets an array built inside the model, which surgery cannot slice"
 REDUCED = "mixed by a reduction over the channel axis (e.g. normalisation statistics)"
 CUMULATIVE = "mixed by a cumulative op along the channel axis"
 GROUPED = "a grouped convolution ties channels across its groups"
-RESHAPED = "split, or merged with another axis, by a reshape (e.g. into attention heads)"
-ATTENTION = ("contracted between two activations (attention-like): the model may read the "
-             "width back (1/sqrt(d)) or need equal widths (q, k, v); heads are not pruned yet")
+RESHAPED = "merged with another labelled axis by a reshape"
+WITHIN_HEAD = ("a position within a head (split off a channel axis by a reshape): whole heads "
+               "are pruned, each keeps its size")
+ATTENTION = ("contracted between two activations (attention's q.k and p.v): the model may "
+             "read the width back (1/sqrt(d)) and q, k and v need one head size; only whole "
+             "heads are pruned (projections split into (..., heads, head_dim))")
+REPEATED = ("one channel sits at several places of this axis (e.g. a flattened axis split "
+            "again): it cannot be sliced consistently")
+GATHERED = "indexed by a gather (e.g. an embedding's vocabulary)"
 NONZERO = ("not zero when its producers are (e.g. after a sigmoid, or a normalisation "
            "without scale and bias): removing it would change what the next layer reads")
 WINDOWED = "pooled or padded along the channel axis"
@@ -603,6 +609,25 @@ def _dot_general(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
   return tuple(out)
 
 
+def _fix_attention(tr: _Trace, eqn, ins: list[Labels]) -> None:
+  """Keeps whole the channels of a contraction between two activations (q.k or p.v), but
+  for its batch axes: every head is contracted on its own, so a head is a channel.
+
+  Contracted axes are fixed (the model may scale by their width, and q, k and v must keep
+  one head size); so are the free axes (v's head size must stay q's).
+  """
+  if eqn.primitive.name != "dot_general":
+    for labels in ins[:2]:
+      for l in labels:
+        tr.graph.fix(l, ATTENTION)
+    return
+  _, (lb, rb) = eqn.params["dimension_numbers"]
+  for labels, batch in zip(ins[:2], (lb, rb)):
+    for a, l in enumerate(labels):
+      if a not in batch:
+        tr.graph.fix(l, ATTENTION)
+
+
 def _origin_name(origin, eqn) -> str:
   if origin is not None:
     return "/".join(origin[0])
@@ -666,8 +691,19 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
       shape = [1] * len(bi)
       shape[k] = in_shape[labelled[0]]
       out[bo[0]] = (grid + x[labelled[0]].reshape(shape)).ravel()
+    elif len(bi) == 1 and len(bo) > 1:
+      # A split into heads, (..., H * d) -> (..., H, d): one channel per block of the
+      # outermost new axis (a head), whose entries are tied together; the inner axes are
+      # positions within a head, never pruned, so every head keeps its size.
+      outer, inner = bo[0], bo[1:]
+      block = int(np.prod([out_shape[a] for a in inner]))
+      heads = tr.graph.fresh(out_shape[outer])
+      tr.graph.tie(np.repeat(heads, block), x[bi[0]])
+      out[outer] = heads
+      for a in inner:
+        out[a] = tr.graph.opaque((out_shape[a],), WITHIN_HEAD)[0]
     else:
-      # Splitting a channel axis, or merging two labelled axes: keep these channels whole,
+      # Merging two labelled axes (or a split across axes): keep these channels whole,
       # and the new axes opaque (fixed), so that nothing they meet can be pruned alone.
       for a in labelled:
         tr.graph.fix(x[a], RESHAPED)
@@ -1011,9 +1047,7 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
     kz = [not isinstance(v, jcore.Literal) and v in known_zero for v in eqn.invars]
     given_zeros = None  # zero flags a call's body or a user's rule gives its outputs
     if name in _CONTRACTIONS and all(on_data[:2]):
-      for labels in ins[:2]:  # q.k or p.v: keep both operands' channels whole
-        for l in labels:
-          tr.graph.fix(l, ATTENTION)
+      _fix_attention(tr, eqn, ins)
     _check_zero(tr, eqn, ins, zin, origins)
     if not any(_is_labelled(l) for l in ins) and name in _UNIFORM_KEEPING:
       outs = [_none(v.aval) for v in eqn.outvars]
@@ -1230,6 +1264,25 @@ def _check_splits(tr: _Trace, comp: np.ndarray) -> bool:
   return changed
 
 
+def _check_repeats(tr: _Trace, comp: np.ndarray) -> bool:
+  """Fixes the channels that sit at several places of one parameter axis beyond a tiled or
+  repeated pattern (``_compress``): no slice removes them consistently. Returns whether any
+  was fixed (the components must then be recomputed)."""
+  changed = False
+  fixed = comp[_FIXED]
+  for path, labels in tr.param_labels.items():
+    for l in labels:
+      if l is None:
+        continue
+      base = _compress(comp[l])[0]
+      vals, counts = np.unique(base[base != fixed], return_counts=True)
+      twice = vals[counts > 1]
+      if len(twice):
+        tr.graph.fix(l[np.isin(comp[l], twice)], REPEATED)
+        changed = True
+  return changed
+
+
 def _fixed_reasons(tr: _Trace, comp: np.ndarray) -> tuple[Fixed, ...]:
   """Every parameter axis with channels that cannot be pruned, and why.
 
@@ -1302,6 +1355,8 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=No
   shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
   comp = graph.components()
   if _check_splits(tr, comp):
+    comp = graph.components()
+  if _check_repeats(tr, comp):
     comp = graph.components()
   spec = _build_spec(tr, comp, shapes)
   return dataclasses.replace(spec, fixed=_fixed_reasons(tr, comp))
