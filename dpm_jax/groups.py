@@ -332,7 +332,7 @@ CONSTANT = "meets an array built inside the model, which surgery cannot slice"
 REDUCED = "mixed by a reduction over the channel axis (e.g. normalisation statistics)"
 CUMULATIVE = "mixed by a cumulative op along the channel axis"
 GROUPED = "a grouped convolution ties channels across its groups"
-RESHAPED = "merged with another labelled axis by a reshape"
+RESHAPED = "merged with another axis by a reshape"
 WITHIN_HEAD = ("a position within a head (split off a channel axis by a reshape): whole heads "
                "are pruned, each keeps its size")
 ATTENTION = ("contracted between two activations (attention's q.k and p.v): the model may "
@@ -678,7 +678,9 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
     if all(x[a] is None for a in bi):
       continue  # uniform stays uniform
     labelled = [a for a in bi if x[a] is not None and not tr.graph.is_opaque(x[a])]
-    if not labelled:  # positions only (spatial, batch): no channel to follow
+    if not labelled and len(bi) == 1 and len(bo) == 1:
+      out[bo[0]] = x[bi[0]]
+    elif not labelled:  # positions only (spatial, batch): no channel to follow
       for a in bo:
         out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
       continue
@@ -821,7 +823,52 @@ def _dynamic_slice(tr, eqn, ins, origins) -> Labels:
   return tuple(out)
 
 
+def _gather_axes(eqn) -> list[int | None]:
+  """For every axis of a gather's output, the operand axis it slices whole (``None`` for an
+  axis of the indices, or a partial slice)."""
+  dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+  shape = eqn.invars[0].aval.shape
+  offset = [a for a in range(len(shape))
+            if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
+  out: list[int | None] = [None] * len(eqn.outvars[0].aval.shape)
+  for a, d in zip(offset, dn.offset_dims):
+    if a not in dn.start_index_map and sizes[a] == shape[a]:
+      out[d] = a
+  return out
+
+
+def _gather(tr, eqn, ins, origins) -> Labels:
+  """A lookup (an embedding, ``take_along_axis``): the operand's axes that are sliced whole
+  keep their channels; the indexed axes are fixed (which entries are read depends on the
+  data); the other output axes are the indices' (or the operand's batching axes, tied)."""
+  operand, indices = ins[:2]
+  dn = eqn.params["dimension_numbers"]
+  out_shape = eqn.outvars[0].aval.shape
+  whole = _gather_axes(eqn)
+  out: list[Any] = [None] * len(out_shape)
+  for a, l in enumerate(operand):
+    if a not in whole and a not in dn.operand_batching_dims:
+      tr.graph.fix(l, GATHERED)
+  batch_axes = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
+  for i, d in zip(range(len(indices) - 1), batch_axes):  # the last axis holds the indices
+    out[d] = indices[i]
+    if i in dn.start_indices_batching_dims:
+      a = dn.operand_batching_dims[list(dn.start_indices_batching_dims).index(i)]
+      if out[d] is None:
+        out[d] = operand[a]
+      elif operand[a] is not None:
+        tr.graph.tie(out[d], operand[a])
+  for d in dn.offset_dims:
+    a = whole[d]
+    if a is not None:
+      out[d] = operand[a]
+    elif any(l is not None for l in operand):
+      out[d] = tr.graph.opaque((out_shape[d],), GATHERED)[0]
+  return tuple(out)
+
+
 _RULES: dict[str, Callable[..., Any]] = {
+    "gather": _gather,
     "conv_general_dilated": _conv,
     "dot_general": _dot_general,
     "broadcast_in_dim": _broadcast_in_dim,
@@ -975,6 +1022,8 @@ def _zeros_out(tr: _Trace, eqn, ins: list[Labels], zin: list[Zeros],
     return [zin[0]]
   if name == "split":
     return [zin[0]] * len(ndims)
+  if name == "gather":  # zero along the axes sliced whole where the operand is
+    return [tuple(a is not None and at(0, a) for a in _gather_axes(eqn))]
   return unknown
 
 
