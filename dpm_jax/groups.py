@@ -673,7 +673,7 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
     raise UnsupportedPrimitiveError("reshape with dimensions")
   in_shape = eqn.invars[0].aval.shape
   out_shape = eqn.outvars[0].aval.shape
-  out: list[Any] = [None] * len(out_shape)
+  out: dict[int, Any] = {}
   for bi, bo in _reshape_blocks(in_shape, out_shape):
     if all(x[a] is None for a in bi):
       continue  # uniform stays uniform
@@ -694,16 +694,7 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
       shape[k] = in_shape[labelled[0]]
       out[bo[0]] = (grid + x[labelled[0]].reshape(shape)).ravel()
     elif len(bi) == 1 and len(bo) > 1:
-      # A split into heads, (..., H * d) -> (..., H, d): one channel per block of the
-      # outermost new axis (a head), whose entries are tied together; the inner axes are
-      # positions within a head, never pruned, so every head keeps its size.
-      outer, inner = bo[0], bo[1:]
-      block = int(np.prod([out_shape[a] for a in inner]))
-      heads = tr.graph.fresh(out_shape[outer])
-      tr.graph.tie(np.repeat(heads, block), x[bi[0]])
-      out[outer] = heads
-      for a in inner:
-        out[a] = tr.graph.opaque((out_shape[a],), WITHIN_HEAD)[0]
+      out.update(_split_axis(tr, x[bi[0]], bo, out_shape))
     else:
       # Merging two labelled axes (or a split across axes): keep these channels whole,
       # and the new axes opaque (fixed), so that nothing they meet can be pruned alone.
@@ -711,7 +702,32 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
         tr.graph.fix(x[a], RESHAPED)
       for a in bo:
         out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
-  return tuple(out)
+  return tuple(out.get(a) for a in range(len(out_shape)))
+
+
+def _split_axis(tr: _Trace, labels: np.ndarray, axes: list[int],
+                out_shape: Sequence[int]) -> dict[int, np.ndarray]:
+  """Labels of the new ``axes`` a reshape splits one channel axis into.
+
+  When the labels vary along one new axis only (an earlier flatten undone, e.g. heads
+  merged with the batch and split again), that axis takes them. Otherwise it is a split
+  into heads, ``(..., H * d) -> (..., H, d)``: one channel per index of the outermost new
+  axis (a head), tied to all its entries; the inner axes are positions within a head,
+  never pruned, so every head keeps its size.
+  """
+  grid = np.asarray(labels).reshape([out_shape[a] for a in axes])
+  for k, axis in enumerate(axes):
+    along = np.moveaxis(grid, k, 0).reshape(out_shape[axis], -1)
+    if np.all(along == along[:, :1]):
+      out = {a: tr.graph.opaque((out_shape[a],), RESHAPED)[0] for a in axes}
+      out[axis] = along[:, 0]
+      return out
+  outer, inner = axes[0], axes[1:]
+  heads = tr.graph.fresh(out_shape[outer])
+  tr.graph.tie(np.repeat(heads, grid[0].size), labels)
+  out = {a: tr.graph.opaque((out_shape[a],), WITHIN_HEAD)[0] for a in inner}
+  out[outer] = heads
+  return out
 
 
 def _transpose(tr, eqn, ins, origins) -> Labels:

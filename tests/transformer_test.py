@@ -17,6 +17,7 @@ from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -249,6 +250,35 @@ class _StaleHeads(nnx.Module):
     return x + self.out(jax.nn.dot_product_attention(q, k, v).reshape(x.shape[:-1] + (-1,)))
 
 
+def _merged_heads_attention(v: dict, x: jax.Array) -> jax.Array:
+  """Heads merged with the batch axis, ``[B * H, T, d]``, as older code writes attention."""
+  b, t, _ = x.shape
+  heads = v["q"].shape[1] // HEAD_DIM
+
+  def split(y):
+    return y.reshape(b, t, heads, HEAD_DIM).transpose(0, 2, 1, 3).reshape(b * heads, t, -1)
+
+  q, k, w = split(x @ v["q"]), split(x @ v["k"]), split(x @ v["v"])
+  p = jax.nn.softmax(jnp.einsum("ntd,nsd->nts", q, k) / jnp.sqrt(HEAD_DIM), axis=-1)
+  out = jnp.einsum("nts,nsd->ntd", p, w).reshape(b, heads, t, -1).transpose(0, 2, 1, 3)
+  return (x + out.reshape(b, t, -1) @ v["o"]).mean(1)
+
+
+def test_heads_merged_with_the_batch_axis_are_heads():
+  rng = np.random.default_rng(0)
+  v = {name: jnp.asarray(rng.normal(size=(DIM, 4 * HEAD_DIM)), jnp.float32) for name in "qkv"}
+  v["o"] = jnp.asarray(rng.normal(size=(4 * HEAD_DIM, DIM)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 5, DIM)), jnp.float32)
+  spec = dpm_jax.trace_groups_fn(_merged_heads_attention, v, x[:1])
+  assert spec.sizes == (4,)
+  keep = [np.array([True, False, True, False])]
+  small = dpm_jax.remove_channels_fn(v, spec, keep)
+  assert small["q"].shape == small["v"].shape == (DIM, 2 * HEAD_DIM)
+  masked = dpm_jax.zero_channels(v, spec, keep)
+  np.testing.assert_allclose(_merged_heads_attention(small, x),
+                             _merged_heads_attention(masked, x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_stored_head_count_is_refused():
   model = _StaleHeads(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
@@ -314,3 +344,38 @@ def test_digits_vit_dpm_config_runs_end_to_end(tmp_path, monkeypatch):
   arch = small.arch()
   assert sum(arch["num_heads"]) + sum(arch["mlp_widths"]) < 4 + 4 + 64 + 64
   assert [b.attention.num_heads for b in small.blocks] == arch["num_heads"]
+
+
+# DepGraph + DPM: the command-line run above.
+@pytest.mark.parametrize("method, options", [
+    ("otov2", {"removal": "dpm", "decay_steps": 2, "min_decay_steps": 1, "cooldown": 2}),
+    ("sfp", {}),
+    ("psap", {}),
+])
+def test_every_method_prunes_heads_with_one_compile(method, options):
+  model = models.create_model("digits_vit", num_classes=CLASSES, rngs=nnx.Rngs(0), dim=8,
+                              num_heads=(4,), head_dim=HEAD_DIM, mlp_widths=(8,))
+  x, y = _images(8), jnp.arange(8) % CLASSES
+  spec = dpm_jax.trace_groups(model, x[:1])
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  recipe = dpm_jax.recipes.PRESETS[method](0.5, start_step=0, end_step=4, **options)
+  tx = dpm_jax.prune(optax.adam(1e-2), spec, recipe)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, copy=True)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(p, state):
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    return optax.apply_updates(p, updates), state
+
+  state = tx.init(params)
+  for _ in range(recipe.last_step + 2):
+    params, state = step(params, state)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  params, keep = dpm_jax.finalize(params, state, spec)
+  assert dpm_jax.spec_cost(spec, keep).macs <= 0.5 * dpm_jax.spec_cost(spec).macs
+  small = dpm_jax.remove_channels(nnx.merge(graphdef, params, copy=True), spec, keep, sample=x)
+  assert small.arch()["num_heads"] == [int(keep[0].sum())]
