@@ -5,7 +5,11 @@ pruned together: a conv kernel's output slice, its bias, the BatchNorm scale, bi
 statistics that follow it, every consumer's input slice, and everything tied to them by
 elementwise ops (a residual add ties several producers into one group), concatenation (a group
 is an offset range of the concatenated axis), depthwise convs (input and output channel tied)
-and flattening into a dense layer (a channel is a strided set of rows).
+and flattening into a dense layer (a channel is a strided set of rows). A reshape that splits
+a channel axis into ``(heads, head_dim)`` makes each head one channel (its ``head_dim``
+entries of every q, k and v projection and of the output projection), and attention's
+contractions keep heads apart (they are batch axes of ``q.k`` and ``p.v``); under
+grouped-query attention a key/value head and the query heads that share it are one channel.
 
 The tracer reads ``jax.make_jaxpr`` of the forward pass in eval mode. Every index of every
 parameter axis gets a label; the rules below say which labels are the same channel (an edge)
@@ -18,8 +22,9 @@ does, or the channel is not offered. Fixed are channels that come from the model
 reach its outputs; that are mixed by a reduction over the channel axis; that meet an array
 built inside the model (``iota``, a closed-over constant), the output of an op frozen by
 ``on_unknown='freeze'``, or a static slice or split; and channels contracted between two
-activations (attention's ``q.k`` and ``p.v``: the model may read the width back as
-``1/sqrt(d)``, and ``jax.nn.dot_product_attention`` needs equal widths); and channels that a
+activations, or free in such a contraction (attention's ``q.k`` and ``p.v``: the model may
+read the width back as ``1/sqrt(d)``, and q, k and v need one head size; only the
+contraction's batch axes, the heads, are pruned); and channels that a
 layer reads though they are not zero when their producers are (after a sigmoid, or a
 BatchNorm without scale and bias: zero flags follow every value). ``GroupSpec.fixed``
 and the spec's listing say, for every parameter axis, which of these kept it whole.
@@ -338,8 +343,8 @@ WITHIN_HEAD = ("a position within a head (split off a channel axis by a reshape)
 ATTENTION = ("contracted between two activations (attention's q.k and p.v): the model may "
              "read the width back (1/sqrt(d)) and q, k and v need one head size; only whole "
              "heads are pruned (projections split into (..., heads, head_dim))")
-REPEATED = ("one channel sits at several places of this axis (e.g. a flattened axis split "
-            "again): it cannot be sliced consistently")
+REPEATED = ("one channel sits at several places of this axis beyond one repeating pattern "
+            "(e.g. the heads of a fused qkv projection): it cannot be sliced as one member")
 GATHERED = "indexed by a gather (e.g. an embedding's vocabulary)"
 NONZERO = ("not zero when its producers are (e.g. after a sigmoid, or a normalisation "
            "without scale and bias): removing it would change what the next layer reads")

@@ -279,6 +279,21 @@ def test_heads_merged_with_the_batch_axis_are_heads():
                              _merged_heads_attention(masked, x), atol=1e-5, rtol=1e-5)
 
 
+def test_heads_of_a_fused_qkv_projection_are_kept_whole_with_a_reason():
+  def block(v, x):
+    b, t, _ = x.shape
+    q, k, w = (y.reshape(b, t, -1, HEAD_DIM) for y in jnp.split(x @ v["qkv"], 3, axis=-1))
+    h = x + jax.nn.dot_product_attention(q, k, w).reshape(b, t, -1) @ v["o"]
+    return jax.nn.relu(h @ v["up"]) @ v["down"]
+
+  v = {"qkv": jnp.ones((DIM, 3 * 4 * HEAD_DIM)), "o": jnp.ones((4 * HEAD_DIM, DIM)),
+       "up": jnp.ones((DIM, 12)), "down": jnp.ones((12, 3))}
+  spec = dpm_jax.trace_groups_fn(block, v, jnp.zeros((1, 5, DIM)))
+  assert spec.sizes == (12,)  # the MLP only
+  assert (f"qkv axis 1 ({3 * 4 * HEAD_DIM} channels): one channel sits at several places of "
+          "this axis") in str(spec)
+
+
 def test_a_stored_head_count_is_refused():
   model = _StaleHeads(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
