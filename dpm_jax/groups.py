@@ -683,14 +683,11 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
     if all(x[a] is None for a in bi):
       continue  # uniform stays uniform
     labelled = [a for a in bi if x[a] is not None and not tr.graph.is_opaque(x[a])]
-    if not labelled and len(bi) == 1 and len(bo) == 1:
+    if len(bi) == 1 and len(bo) == 1:
       out[bo[0]] = x[bi[0]]
     elif not labelled:  # positions only (spatial, batch): no channel to follow
       for a in bo:
         out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
-      continue
-    if len(bi) == 1 and len(bo) == 1:
-      out[bo[0]] = x[bi[0]]
     elif len(bo) == 1 and len(labelled) == 1:
       # A flatten: every index of the merged axis carries its one labelled axis' label.
       grid = np.zeros([in_shape[a] for a in bi], int)
