@@ -3,7 +3,9 @@
 The counts come from the same trace as the channel groups (``GroupSpec.layers``), so any keep
 configuration can be costed without building it. Only convolutions and dense/``dot_general``
 contractions are counted, as is usual (thop, fvcore, Torch-Pruning): BatchNorm, activations,
-adds and pooling are not. ``flops`` is ``2 * macs``, always: beware papers that call MACs
+adds and pooling are not. Contractions between two activations count too: attention's
+``q.k`` and ``p.v`` cost ``H * T * S * d`` MACs each (masked positions included: they are
+computed), and shrink with the heads kept. ``flops`` is ``2 * macs``, always: beware papers that call MACs
 FLOPs. Counts are for the example inputs given (use a batch of one for per-image numbers).
 
 Example:

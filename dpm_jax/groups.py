@@ -5,7 +5,11 @@ pruned together: a conv kernel's output slice, its bias, the BatchNorm scale, bi
 statistics that follow it, every consumer's input slice, and everything tied to them by
 elementwise ops (a residual add ties several producers into one group), concatenation (a group
 is an offset range of the concatenated axis), depthwise convs (input and output channel tied)
-and flattening into a dense layer (a channel is a strided set of rows).
+and flattening into a dense layer (a channel is a strided set of rows). A reshape that splits
+a channel axis into ``(heads, head_dim)`` makes each head one channel (its ``head_dim``
+entries of every q, k and v projection and of the output projection), and attention's
+contractions keep heads apart (they are batch axes of ``q.k`` and ``p.v``); under
+grouped-query attention a key/value head and the query heads that share it are one channel.
 
 The tracer reads ``jax.make_jaxpr`` of the forward pass in eval mode. Every index of every
 parameter axis gets a label; the rules below say which labels are the same channel (an edge)
@@ -18,8 +22,9 @@ does, or the channel is not offered. Fixed are channels that come from the model
 reach its outputs; that are mixed by a reduction over the channel axis; that meet an array
 built inside the model (``iota``, a closed-over constant), the output of an op frozen by
 ``on_unknown='freeze'``, or a static slice or split; and channels contracted between two
-activations (attention's ``q.k`` and ``p.v``: the model may read the width back as
-``1/sqrt(d)``, and ``jax.nn.dot_product_attention`` needs equal widths); and channels that a
+activations, or free in such a contraction (attention's ``q.k`` and ``p.v``: the model may
+read the width back as ``1/sqrt(d)``, and q, k and v need one head size; only the
+contraction's batch axes, the heads, are pruned); and channels that a
 layer reads though they are not zero when their producers are (after a sigmoid, or a
 BatchNorm without scale and bias: zero flags follow every value). ``GroupSpec.fixed``
 and the spec's listing say, for every parameter axis, which of these kept it whole.
@@ -332,9 +337,15 @@ CONSTANT = "meets an array built inside the model, which surgery cannot slice"
 REDUCED = "mixed by a reduction over the channel axis (e.g. normalisation statistics)"
 CUMULATIVE = "mixed by a cumulative op along the channel axis"
 GROUPED = "a grouped convolution ties channels across its groups"
-RESHAPED = "split, or merged with another axis, by a reshape (e.g. into attention heads)"
-ATTENTION = ("contracted between two activations (attention-like): the model may read the "
-             "width back (1/sqrt(d)) or need equal widths (q, k, v); heads are not pruned yet")
+RESHAPED = "merged with another axis by a reshape"
+WITHIN_HEAD = ("a position within a head (split off a channel axis by a reshape): whole heads "
+               "are pruned, each keeps its size")
+ATTENTION = ("contracted between two activations (attention's q.k and p.v): the model may "
+             "read the width back (1/sqrt(d)) and q, k and v need one head size; only whole "
+             "heads are pruned (projections split into (..., heads, head_dim))")
+REPEATED = ("one channel sits at several places of this axis beyond one repeating pattern "
+            "(e.g. the heads of a fused qkv projection): it cannot be sliced as one member")
+GATHERED = "indexed by a gather (e.g. an embedding's vocabulary)"
 NONZERO = ("not zero when its producers are (e.g. after a sigmoid, or a normalisation "
            "without scale and bias): removing it would change what the next layer reads")
 WINDOWED = "pooled or padded along the channel axis"
@@ -603,6 +614,25 @@ def _dot_general(tr: _Trace, eqn, ins: list[Labels], origins) -> Labels:
   return tuple(out)
 
 
+def _fix_attention(tr: _Trace, eqn, ins: list[Labels]) -> None:
+  """Keeps whole the channels of a contraction between two activations (q.k or p.v), but
+  for its batch axes: every head is contracted on its own, so a head is a channel.
+
+  Contracted axes are fixed (the model may scale by their width, and q, k and v must keep
+  one head size); so are the free axes (v's head size must stay q's).
+  """
+  if eqn.primitive.name != "dot_general":
+    for labels in ins[:2]:
+      for l in labels:
+        tr.graph.fix(l, ATTENTION)
+    return
+  _, (lb, rb) = eqn.params["dimension_numbers"]
+  for labels, batch in zip(ins[:2], (lb, rb)):
+    for a, l in enumerate(labels):
+      if a not in batch:
+        tr.graph.fix(l, ATTENTION)
+
+
 def _origin_name(origin, eqn) -> str:
   if origin is not None:
     return "/".join(origin[0])
@@ -648,17 +678,16 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
     raise UnsupportedPrimitiveError("reshape with dimensions")
   in_shape = eqn.invars[0].aval.shape
   out_shape = eqn.outvars[0].aval.shape
-  out: list[Any] = [None] * len(out_shape)
+  out: dict[int, Any] = {}
   for bi, bo in _reshape_blocks(in_shape, out_shape):
     if all(x[a] is None for a in bi):
       continue  # uniform stays uniform
     labelled = [a for a in bi if x[a] is not None and not tr.graph.is_opaque(x[a])]
-    if not labelled:  # positions only (spatial, batch): no channel to follow
-      for a in bo:
-        out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
-      continue
     if len(bi) == 1 and len(bo) == 1:
       out[bo[0]] = x[bi[0]]
+    elif not labelled:  # positions only (spatial, batch): no channel to follow
+      for a in bo:
+        out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
     elif len(bo) == 1 and len(labelled) == 1:
       # A flatten: every index of the merged axis carries its one labelled axis' label.
       grid = np.zeros([in_shape[a] for a in bi], int)
@@ -666,14 +695,41 @@ def _reshape(tr, eqn, ins, origins) -> Labels:
       shape = [1] * len(bi)
       shape[k] = in_shape[labelled[0]]
       out[bo[0]] = (grid + x[labelled[0]].reshape(shape)).ravel()
+    elif len(bi) == 1 and len(bo) > 1:
+      out.update(_split_axis(tr, x[bi[0]], bo, out_shape))
     else:
-      # Splitting a channel axis, or merging two labelled axes: keep these channels whole,
+      # Merging two labelled axes (or a split across axes): keep these channels whole,
       # and the new axes opaque (fixed), so that nothing they meet can be pruned alone.
       for a in labelled:
         tr.graph.fix(x[a], RESHAPED)
       for a in bo:
         out[a] = tr.graph.opaque((out_shape[a],), RESHAPED)[0]
-  return tuple(out)
+  return tuple(out.get(a) for a in range(len(out_shape)))
+
+
+def _split_axis(tr: _Trace, labels: np.ndarray, axes: list[int],
+                out_shape: Sequence[int]) -> dict[int, np.ndarray]:
+  """Labels of the new ``axes`` a reshape splits one channel axis into.
+
+  When the labels vary along one new axis only (an earlier flatten undone, e.g. heads
+  merged with the batch and split again), that axis takes them. Otherwise it is a split
+  into heads, ``(..., H * d) -> (..., H, d)``: one channel per index of the outermost new
+  axis (a head), tied to all its entries; the inner axes are positions within a head,
+  never pruned, so every head keeps its size.
+  """
+  grid = np.asarray(labels).reshape([out_shape[a] for a in axes])
+  for k, axis in enumerate(axes):
+    along = np.moveaxis(grid, k, 0).reshape(out_shape[axis], -1)
+    if np.all(along == along[:, :1]):
+      out = {a: tr.graph.opaque((out_shape[a],), RESHAPED)[0] for a in axes}
+      out[axis] = along[:, 0]
+      return out
+  outer, inner = axes[0], axes[1:]
+  heads = tr.graph.fresh(out_shape[outer])
+  tr.graph.tie(np.repeat(heads, grid[0].size), labels)
+  out = {a: tr.graph.opaque((out_shape[a],), WITHIN_HEAD)[0] for a in inner}
+  out[outer] = heads
+  return out
 
 
 def _transpose(tr, eqn, ins, origins) -> Labels:
@@ -785,7 +841,52 @@ def _dynamic_slice(tr, eqn, ins, origins) -> Labels:
   return tuple(out)
 
 
+def _gather_axes(eqn) -> list[int | None]:
+  """For every axis of a gather's output, the operand axis it slices whole (``None`` for an
+  axis of the indices, or a partial slice)."""
+  dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+  shape = eqn.invars[0].aval.shape
+  offset = [a for a in range(len(shape))
+            if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
+  out: list[int | None] = [None] * len(eqn.outvars[0].aval.shape)
+  for a, d in zip(offset, dn.offset_dims):
+    if a not in dn.start_index_map and sizes[a] == shape[a]:
+      out[d] = a
+  return out
+
+
+def _gather(tr, eqn, ins, origins) -> Labels:
+  """A lookup (an embedding, ``take_along_axis``): the operand's axes that are sliced whole
+  keep their channels; the indexed axes are fixed (which entries are read depends on the
+  data); the other output axes are the indices' (or the operand's batching axes, tied)."""
+  operand, indices = ins[:2]
+  dn = eqn.params["dimension_numbers"]
+  out_shape = eqn.outvars[0].aval.shape
+  whole = _gather_axes(eqn)
+  out: list[Any] = [None] * len(out_shape)
+  for a, l in enumerate(operand):
+    if a not in whole and a not in dn.operand_batching_dims:
+      tr.graph.fix(l, GATHERED)
+  batch_axes = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
+  for i, d in zip(range(len(indices) - 1), batch_axes):  # the last axis holds the indices
+    out[d] = indices[i]
+    if i in dn.start_indices_batching_dims:
+      a = dn.operand_batching_dims[list(dn.start_indices_batching_dims).index(i)]
+      if out[d] is None:
+        out[d] = operand[a]
+      elif operand[a] is not None:
+        tr.graph.tie(out[d], operand[a])
+  for d in dn.offset_dims:
+    a = whole[d]
+    if a is not None:
+      out[d] = operand[a]
+    elif any(l is not None for l in operand):
+      out[d] = tr.graph.opaque((out_shape[d],), GATHERED)[0]
+  return tuple(out)
+
+
 _RULES: dict[str, Callable[..., Any]] = {
+    "gather": _gather,
     "conv_general_dilated": _conv,
     "dot_general": _dot_general,
     "broadcast_in_dim": _broadcast_in_dim,
@@ -939,6 +1040,8 @@ def _zeros_out(tr: _Trace, eqn, ins: list[Labels], zin: list[Zeros],
     return [zin[0]]
   if name == "split":
     return [zin[0]] * len(ndims)
+  if name == "gather":  # zero along the axes sliced whole where the operand is
+    return [tuple(a is not None and at(0, a) for a in _gather_axes(eqn))]
   return unknown
 
 
@@ -1011,9 +1114,7 @@ def _propagate(tr: _Trace, jaxpr, in_labels: list[Labels], in_origins: list,
     kz = [not isinstance(v, jcore.Literal) and v in known_zero for v in eqn.invars]
     given_zeros = None  # zero flags a call's body or a user's rule gives its outputs
     if name in _CONTRACTIONS and all(on_data[:2]):
-      for labels in ins[:2]:  # q.k or p.v: keep both operands' channels whole
-        for l in labels:
-          tr.graph.fix(l, ATTENTION)
+      _fix_attention(tr, eqn, ins)
     _check_zero(tr, eqn, ins, zin, origins)
     if not any(_is_labelled(l) for l in ins) and name in _UNIFORM_KEEPING:
       outs = [_none(v.aval) for v in eqn.outvars]
@@ -1230,6 +1331,25 @@ def _check_splits(tr: _Trace, comp: np.ndarray) -> bool:
   return changed
 
 
+def _check_repeats(tr: _Trace, comp: np.ndarray) -> bool:
+  """Fixes the channels that sit at several places of one parameter axis beyond a tiled or
+  repeated pattern (``_compress``): no slice removes them consistently. Returns whether any
+  was fixed (the components must then be recomputed)."""
+  changed = False
+  fixed = comp[_FIXED]
+  for path, labels in tr.param_labels.items():
+    for l in labels:
+      if l is None:
+        continue
+      base = _compress(comp[l])[0]
+      vals, counts = np.unique(base[base != fixed], return_counts=True)
+      twice = vals[counts > 1]
+      if len(twice):
+        tr.graph.fix(l[np.isin(comp[l], twice)], REPEATED)
+        changed = True
+  return changed
+
+
 def _fixed_reasons(tr: _Trace, comp: np.ndarray) -> tuple[Fixed, ...]:
   """Every parameter axis with channels that cannot be pruned, and why.
 
@@ -1302,6 +1422,8 @@ def _trace(apply_fn, variables, inputs, *, is_statistic, is_param=None, rules=No
   shapes = {p: tuple(np.shape(x)) for p, (_, x) in zip(paths, flat)}
   comp = graph.components()
   if _check_splits(tr, comp):
+    comp = graph.components()
+  if _check_repeats(tr, comp):
     comp = graph.components()
   spec = _build_spec(tr, comp, shapes)
   return dataclasses.replace(spec, fixed=_fixed_reasons(tr, comp))

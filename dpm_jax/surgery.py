@@ -357,10 +357,36 @@ def _resize_norm(norm) -> None:
       return
 
 
+def _resize_linear_general(layer) -> None:
+  shape = layer.kernel[...].shape
+  start = len(layer.batch_axis)
+  stop = start + len(layer.in_features)
+  layer.in_features, layer.out_features = tuple(shape[start:stop]), tuple(shape[stop:])
+
+
+def _resize_attention(attention) -> None:
+  """``nnx.MultiHeadAttention``: head counts from its projections' kernels ``(in, heads,
+  head_dim)`` (``head_dim`` never changes: whole heads are removed)."""
+  attention.num_heads = attention.query.kernel[...].shape[-2]
+  attention.num_kv_heads = attention.key.kernel[...].shape[-2]
+  attention.qkv_features = attention.num_heads * attention.head_dim
+
+
+# Attributes that hold a count a module may reshape with (heads, groups): a module that has
+# one and whose arrays were sliced needs a resizer, or surgery would leave the count stale.
+_COUNT_ATTRIBUTES = ("num_heads", "num_kv_heads", "num_key_value_heads", "num_groups")
+
+
 def _default_resizers() -> dict[type, Callable[[Any], None]]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return {nnx.Conv: _resize_conv, nnx.Linear: _resize_linear, nnx.BatchNorm: _resize_norm,
-          nnx.LayerNorm: _resize_norm, nnx.RMSNorm: _resize_norm}
+          nnx.LayerNorm: _resize_norm, nnx.RMSNorm: _resize_norm,
+          nnx.LinearGeneral: _resize_linear_general, nnx.MultiHeadAttention: _resize_attention}
+
+
+def _resizer(resizers: dict[type, Callable[[Any], None]], node) -> Callable[[Any], None] | None:
+  resize = next((r for cls, r in resizers.items() if type(node) is cls), None)
+  return resize or next((r for cls, r in resizers.items() if isinstance(node, cls)), None)
 
 
 def _eval_copy(model):
@@ -427,16 +453,26 @@ def _remove_channels(model, spec: GroupSpec, keep: list[np.ndarray]):
   nnx.replace_by_pure_dict(new_state, sliced)
   new_model = nnx.merge(graphdef, new_state)
   touched = {path[:-1] for (path, _) in kept_indices(spec, keep)}
+  # Modules above the sliced ones may hold counts of what was removed (an attention
+  # module's head counts, over its projections): their resizers run too.
+  above = {path[:i] for path in touched for i in range(len(path))}
   resizers = {**_default_resizers(), **_RESIZERS}
   for node_path, node in nnx.iter_graph(new_model):
-    if not isinstance(node, nnx.Module) or tuple(map(str, node_path)) not in touched:
+    node_path = tuple(map(str, node_path))
+    if not isinstance(node, nnx.Module) or node_path not in touched | above:
       continue
-    resize = next((r for cls, r in resizers.items() if type(node) is cls), None)
-    if resize is None:
-      resize = next((r for cls, r in resizers.items() if isinstance(node, cls)), None)
-    if resize is None:
+    resize = _resizer(resizers, node)
+    where = "/".join(node_path) or "the top"
+    if resize is None and node_path in touched:
       raise TypeError(f"Cannot update the feature counts of {type(node).__name__} at "
-                      f"{'/'.join(map(str, node_path))} after slicing its arrays; register a "
-                      "resizer with dpm_jax.register_module_resizer.")
-    resize(node)
+                      f"{where} after slicing its arrays; register a resizer with "
+                      "dpm_jax.register_module_resizer.")
+    counts = [a for a in _COUNT_ATTRIBUTES if isinstance(vars(node).get(a), int)]
+    if resize is None and counts:
+      raise TypeError(f"{type(node).__name__} at {where} holds {', '.join(counts)}, which "
+                      "surgery may have changed under it: register a resizer with "
+                      "dpm_jax.register_module_resizer that sets them from the arrays, or "
+                      "read them from the arrays' shapes.")
+    if resize is not None:
+      resize(node)
   return new_model

@@ -649,3 +649,15 @@ def test_without_keeps_flop_counts_consistent():
   keep = [np.arange(32) < 8, np.arange(128) < 100]
   full_keep = [keep[0], np.ones(64, bool), keep[1]]
   assert dpm_jax.spec_cost(smaller, keep) == dpm_jax.spec_cost(spec, full_keep)
+
+
+def test_an_embedding_lookup_passes_its_width_and_fixes_its_vocabulary():
+  def lm(v, tokens):
+    return jax.nn.relu(v["embed"][tokens] @ v["w1"]) @ v["w2"]
+
+  v = {"embed": jnp.ones((50, 8)), "w1": jnp.ones((8, 16)), "w2": jnp.ones((16, 50))}
+  spec = dpm_jax.trace_groups_fn(lm, v, jnp.zeros((2, 5), jnp.int32))
+  assert [[(m.path, m.axis, m.role) for m in g.members] for g in spec.groups] == [
+      [(("embed",), 1, PRODUCER), (("w1",), 0, CONSUMER)],
+      [(("w1",), 1, PRODUCER), (("w2",), 0, CONSUMER)]]
+  assert "embed axis 0 (50 channels): indexed by a gather" in str(spec)

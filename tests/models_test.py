@@ -24,17 +24,32 @@ from dpm_jax import models
 
 INPUT_SHAPES = {
     "digits_cnn": (2, 8, 8, 1),
+    "digits_vit": (2, 8, 8, 1),
     "mnist1d_cnn": (2, 40, 1),
     "resnet50": (2, 64, 64, 3),  # small spatial size; the network is fully convolutional
+    "decoder_lm": (2, 8),  # tokens
 }
 CIFAR_INPUT_SHAPE = (2, 32, 32, 3)
 NUM_CLASSES = 10
+# Models that read tokens and give logits per position (num_classes is the vocabulary).
+TOKEN_MODELS = ("decoder_lm",)
 # Keys of arch() that are not widths, left alone when making pruned-looking widths.
-NON_WIDTH_KEYS = ("name", "num_classes", "in_channels", "image_size", "length")
+NON_WIDTH_KEYS = ("name", "num_classes", "in_channels", "image_size", "length", "head_dim",
+                  "patch_size", "attention", "queries_per_kv", "max_length")
 
 
 def _input_shape(name: str) -> tuple[int, ...]:
   return INPUT_SHAPES.get(name, CIFAR_INPUT_SHAPE)
+
+
+def _input(name: str) -> jax.ShapeDtypeStruct:
+  dtype = jnp.int32 if name in TOKEN_MODELS else jnp.float32
+  return jax.ShapeDtypeStruct(_input_shape(name), dtype)
+
+
+def _output_shape(name: str) -> tuple[int, ...]:
+  shape = _input_shape(name)
+  return (*shape, NUM_CLASSES) if name in TOKEN_MODELS else (shape[0], NUM_CLASSES)
 
 
 def _abstract_model(name: str, num_classes: int = NUM_CLASSES, **kwargs: Any) -> nnx.Module:
@@ -45,8 +60,7 @@ def _abstract_model(name: str, num_classes: int = NUM_CLASSES, **kwargs: Any) ->
   )
 
 
-def _abstract_forward(model: nnx.Module, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _abstract_forward(model: nnx.Module, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   return nnx.eval_shape(lambda m, x: m(x), model, x)
 
 
@@ -103,11 +117,10 @@ def _pruned_arch(name: str, seed: int = 0) -> dict[str, Any]:
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_forward_and_from_arch(name: str):
   model = _abstract_model(name)
-  shape = _input_shape(name)
   for mode in ("train", "eval"):
     getattr(model, mode)()
-    logits = _abstract_forward(model, shape)
-    assert (logits.shape, logits.dtype) == ((shape[0], NUM_CLASSES), jnp.float32), mode
+    logits = _abstract_forward(model, _input(name))
+    assert (logits.shape, logits.dtype) == (_output_shape(name), jnp.float32), mode
 
   arch = models.model_arch(model)
   assert (arch["name"], arch["num_classes"]) == (name, NUM_CLASSES)
@@ -120,7 +133,8 @@ def test_forward_and_from_arch(name: str):
 
 # ResNet-56/110 are ResNet-20's class with more blocks.
 @pytest.mark.parametrize(
-    "name", ["digits_cnn", "mnist1d_cnn", "resnet20", "vgg16_bn", "mobilenet_v2", "resnet50"]
+    "name", ["digits_cnn", "mnist1d_cnn", "resnet20", "vgg16_bn", "mobilenet_v2", "resnet50",
+             "digits_vit", "decoder_lm"]
 )
 def test_pruned_widths(name: str):
   arch = _pruned_arch(name)
@@ -128,8 +142,28 @@ def test_pruned_widths(name: str):
   model = nnx.eval_shape(lambda: models.from_arch(arch, rngs=nnx.Rngs(0)))
   assert models.model_arch(model) == arch
   model.eval()  # train mode is covered above; tracing its BatchNorm updates is slower
-  shape = _input_shape(name)
-  assert _abstract_forward(model, shape).shape == (shape[0], NUM_CLASSES)
+  assert _abstract_forward(model, _input(name)).shape == _output_shape(name)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "jax", "flax"])
+def test_transformer_attention_forms_keep_their_arch(attention: str):
+  for name, widths in (("digits_vit", {"num_heads": [2, 3]}),
+                       ("decoder_lm", {"num_kv_heads": [1, 2], "queries_per_kv": 2})):
+    model = _abstract_model(name, attention=attention, **widths)
+    arch = models.model_arch(model)
+    assert arch["attention"] == attention and {k: arch[k] for k in widths} == widths
+    rebuilt = nnx.eval_shape(lambda: models.from_arch(arch, rngs=nnx.Rngs(1)))
+    assert nnx.graphdef(rebuilt) == nnx.graphdef(model)
+    assert _abstract_forward(model, _input(name)).shape == _output_shape(name)
+
+
+def test_transformer_bad_widths():
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    models.transformer.Attention(8, num_heads=3, head_dim=4, num_kv_heads=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    _abstract_model("digits_vit", attention="flash")
+  with pytest.raises(ValueError, match="mlp_widths needs 2 entries"):
+    _abstract_model("decoder_lm", mlp_widths=[8])
 
 
 @pytest.mark.parametrize(
@@ -296,7 +330,7 @@ def test_mobilenet_first_block_hidden_width_is_stem_width():
 @pytest.mark.parametrize(
     "module",
     ["", ".layers", ".digits_cnn", ".mnist1d_cnn", ".resnet_cifar", ".vgg", ".mobilenet_v2",
-     ".resnet_imagenet"],
+     ".resnet_imagenet", ".transformer"],
 )
 def test_docstring_examples(module: str):
   result = doctest.testmod(importlib.import_module("dpm_jax.models" + module))

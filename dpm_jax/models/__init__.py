@@ -32,6 +32,8 @@ from dpm_jax.models.resnet_cifar import ResNet20 as ResNet20
 from dpm_jax.models.resnet_cifar import ResNet56 as ResNet56
 from dpm_jax.models.resnet_cifar import ResNet110 as ResNet110
 from dpm_jax.models.resnet_imagenet import ResNet50 as ResNet50
+from dpm_jax.models.transformer import DecoderLM as DecoderLM
+from dpm_jax.models.transformer import DigitsViT as DigitsViT
 from dpm_jax.models.vgg import VGG16BN as VGG16BN
 
 MODELS: dict[str, type[nnx.Module]] = {
@@ -43,6 +45,8 @@ MODELS: dict[str, type[nnx.Module]] = {
     "vgg16_bn": VGG16BN,
     "mobilenet_v2": MobileNetV2,
     "resnet50": ResNet50,
+    "digits_vit": DigitsViT,
+    "decoder_lm": DecoderLM,
 }
 
 
