@@ -624,7 +624,7 @@ def train_phase(
   Raises:
     TrainingDivergedError: the training loss or the state became non-finite.
   """
-  placement = {} if mesh is None else {'mesh': mesh, 'state_axis': config.get('state_axis')}
+  placement = {} if mesh is None else {'mesh': mesh, 'state_axis': config.state_axis}
   if train_step_fn is None:
     train_step_fn = make_train_step(graphdefs.train, tx, **placement)
   eval_step_fn = make_eval_step(graphdefs.eval, mesh)

@@ -118,7 +118,7 @@ def state_sharding(tree: PyTree, mesh: Mesh, axis: str | None = None) -> PyTree:
   size = mesh.shape[axis]
 
   def leaf(x: Any) -> NamedSharding:
-    shape = np.shape(x) if not hasattr(x, 'shape') else x.shape
+    shape = tuple(getattr(x, 'shape', ()))
     dims = [d for d in np.argsort(shape)[::-1] if shape[d] % size == 0 and shape[d] >= size]
     if not dims or size == 1:
       return replicated(mesh)

@@ -263,8 +263,8 @@ class FinetunePlanner:
     tx = loop.create_optimizer(finetune_config(self.config), self.steps_per_epoch)
     step_fn = loop.compile_step_ahead(
         small_defs.train, tx, params, stats,
-        next(loop.train_batches(self.config, mesh=self.mesh)), mesh=self.mesh,
-        state_axis=_state_axis(self.config, self.mesh)).start()
+        next(loop.train_batches(self.config, mesh=self.mesh)),
+        **_placement(self.config, self.mesh)).start()
     self.planned = (small_defs, tx, step_fn)
 
   def step_for(self, graphdefs: loop.GraphDefs) -> tuple[Any, loop.TrainStepFn] | None:
@@ -294,8 +294,10 @@ def _sample_batch(config) -> dict[str, Any]:
   return next(iter(loop.eval_batches(config)))
 
 
-def _state_axis(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> str | None:
-  return None if mesh is None else config.get("state_axis") or None
+def _placement(config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+  """The keyword arguments that place a train state and its step on `mesh` (none without)."""
+  return {} if mesh is None else {"mesh": mesh, "state_axis": config.state_axis}
 
 
 class Plan(NamedTuple):
@@ -331,7 +333,7 @@ def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: A
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
                            lr_schedule=pc.lr_schedule)
   tx = dpm_jax.prune(loop.create_optimizer(prune_cfg, steps_per_epoch), spec, recipe)
-  placement = {} if mesh is None else {"mesh": mesh, "state_axis": _state_axis(config, mesh)}
+  placement = _placement(config, mesh)
   if background:
     step = loop.compile_step_ahead(graphdefs.train, tx, params, batch_stats,
                                    next(loop.train_batches(config, mesh=mesh)), **placement)
@@ -375,7 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       prune_plan = plan(config, graphdefs, dense_params, dense_stats, steps_per_epoch,
                         mesh=mesh)
   recipe, prune_cfg, tx = prune_plan.recipe, prune_plan.config, prune_plan.tx
-  placement = {} if mesh is None else {"mesh": mesh, "state_axis": _state_axis(config, mesh)}
+  placement = _placement(config, mesh)
 
   # Prune-train: the recipe runs inside the optimizer.
   prune_state0 = loop.create_train_state(state.params, state.batch_stats, tx, **placement)
