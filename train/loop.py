@@ -735,7 +735,7 @@ def _train_loop(
           initial=(step - 1) % steps_per_epoch,
           desc=f'{phase} epoch {epoch + 1}/{num_epochs}',
           unit='step',
-          disable=not config.progress_bar,
+          disable=not config.progress_bar or jax.process_index() != 0,
           dynamic_ncols=True,
       )
     if step == start_step + 1:  # Compiles: charged to its own section.
