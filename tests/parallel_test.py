@@ -9,6 +9,7 @@ localhost.
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,16 +65,19 @@ def data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, data_dir) -> dict[str, pathlib.Path]:
-  """configs/test_dpm.py on 1 device, on 8, and on two processes of 4 each, all at once."""
+  """configs/test_dpm.py on 1 device, on 8 (the state replicated, and split along the data
+  axis), and on two processes of 4 each, all at once."""
   root = tmp_path_factory.mktemp('runs')
   cache = root / 'jax_cache'
-  workdirs = {name: root / name for name in ('one', 'eight', 'two_by_four')}
+  workdirs = {name: root / name for name in ('one', 'eight', 'eight_split', 'two_by_four')}
   port = _free_port()
-  logs = [root / f'{name}.log' for name in ('one', 'eight', 'process0', 'process1')]
+  logs = [root / f'{name}.log'
+          for name in ('one', 'eight', 'eight_split', 'process0', 'process1')]
   procs = [
       _start(workdirs['one'], data_dir, 1, cache, logs[0]),
       _start(workdirs['eight'], data_dir, 8, cache, logs[1]),
-      *(_start(workdirs['two_by_four'], data_dir, 4, cache, logs[2 + i],
+      _start(workdirs['eight_split'], data_dir, 8, cache, logs[2], '--config.state_axis=data'),
+      *(_start(workdirs['two_by_four'], data_dir, 4, cache, logs[3 + i],
                f'--coordinator_address=localhost:{port}', '--num_processes=2',
                f'--process_id={i}') for i in range(2)),
   ]
@@ -114,6 +118,24 @@ def _assert_same_decisions(actual: pathlib.Path, expected: pathlib.Path, *, rtol
 
 def test_eight_devices_take_the_decisions_of_one(runs):
   _assert_same_decisions(runs['eight'], runs['one'], rtol=1e-4)
+
+
+def test_a_state_split_over_eight_devices_takes_the_decisions_of_a_replicated_one(runs):
+  _assert_same_decisions(runs['eight_split'], runs['eight'], rtol=1e-4)
+
+
+def test_a_finished_eight_device_run_started_again_restores_its_result(runs, data_dir,
+                                                                        tmp_path):
+  workdir = tmp_path / 'again'
+  shutil.copytree(runs['eight'], workdir)
+  log = tmp_path / 'again.log'
+  proc = _start(workdir, data_dir, 8, tmp_path / 'cache', log)
+  assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+  text = log.read_text()
+  for phase, step in (('pretrain', 44), ('prune', 44), ('finetune', 11)):
+    assert f'{phase}: resuming from step {step}' in text
+  again = json.loads((workdir / 'result.json').read_text())
+  assert again == json.loads((runs['eight'] / 'result.json').read_text())
 
 
 def test_two_processes_of_four_devices_take_the_decisions_of_one_of_eight(runs):

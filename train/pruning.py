@@ -255,8 +255,8 @@ class FinetunePlanner:
   def __call__(self, step: int, state: loop.TrainState) -> None:
     if step != self.at_step:
       return
-    keep = list(parallel.to_host(dpm_jax.prune_state(state.opt_state).status))
-    keep = [k == pruning.ACTIVE for k in keep]
+    status = parallel.to_host(dpm_jax.prune_state(state.opt_state).status)
+    keep = [s == pruning.ACTIVE for s in status]
     params, stats = parallel.to_local((state.params, state.batch_stats))
     model = _model(self.graphdefs.eval, params, stats)
     small_defs, params, stats = loop.split_model(dpm_jax.remove_channels(model, self.spec, keep))
@@ -418,12 +418,11 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     surgery_diff = float(jnp.max(jnp.abs(_forward(full, x) - _forward(small, x))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
-  # The plots do not depend on fine-tuning: drawn in a thread while it runs.
   primary = jax.process_index() == 0
-  plotting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
-  plots = plotting.submit(report.write_plots, os.fspath(workdir), spec, keep, traj) if (
-      primary) else None
-  plotting.shutdown(wait=False)
+  if primary:  # The plots do not depend on fine-tuning: drawn in a thread while it runs.
+    plotting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
+    plots = plotting.submit(report.write_plots, os.fspath(workdir), spec, keep, traj)
+    plotting.shutdown(wait=False)
   small_graphdefs, small_params, small_stats = loop.split_model(small)
   if mesh is not None:
     small_params, small_stats = parallel.put((small_params, small_stats),
