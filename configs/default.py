@@ -30,6 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = True  # Training-time augmentation (CIFAR: pad-crop-flip; digits, mnist1d: none).
   config.seed = 0  # Seeds the model initialisation and the order of training batches.
 
+  # Devices. A mesh over every device of every process, as (axis name, size) pairs (-1: the
+  # devices the other axes leave); each batch is split over all its axes (data parallel),
+  # so batch_size and eval_batch_size must be multiples of the number of devices.
+  config.mesh = (('data', -1),)
+  # '': params, batch statistics and optimizer state (pruning state included) replicated on
+  # every device. A mesh axis name: each of their arrays split along it on its largest
+  # dimension that the axis divides (as FSDP does), to fit models larger than one device.
+  config.state_axis = ''
+
   # Optimisation. Weight decay is L2 on conv/dense kernels only (not biases, not BatchNorm).
   config.optimizer = 'sgd'  # 'sgd' (with momentum) or 'adam'.
   config.learning_rate = 0.1  # Peak learning rate (after warmup).

@@ -8,6 +8,12 @@ the code that trained it::
   workdir/pretrain/arch.json
   workdir/pretrain/<step>/...
 
+An exported model also holds `inference.jax_export`: its inference function serialized with
+`jax.export` (StableHLO, weights included, any batch size), which runs with `jax` alone::
+
+  exported = jax.export.deserialize(open('export/inference.jax_export', 'rb').read())
+  logits = exported.call(images)
+
 Restores always go into an abstract target (`jax.ShapeDtypeStruct` leaves), so
 the restored tree has the target's structure, dtypes and shardings. Failures to
 read a checkpoint are re-raised as `CheckpointError` naming the directory and
@@ -30,6 +36,9 @@ PyTree = Any
 T = TypeVar('T')
 
 ARCH_FILENAME = 'arch.json'
+INFERENCE_FILENAME = 'inference.jax_export'
+# Platforms the exported inference function is lowered for: it runs on any of them.
+EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 class CheckpointError(RuntimeError):
@@ -113,10 +122,15 @@ def restore_latest(manager: ocp.CheckpointManager, target: T) -> T | None:
 def save_arch(directory: str | os.PathLike[str], arch: Mapping[str, Any]) -> None:
   """Writes `arch` as JSON into `directory`, or checks that it matches the one there.
 
+  In a run of several processes, process 0 writes it (and the others do nothing), as orbax
+  writes a checkpoint's metadata.
+
   Raises:
     ValueError: `directory` already holds a different architecture (the
       checkpoints there belong to another model).
   """
+  if jax.process_index() != 0:
+    return
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / ARCH_FILENAME
@@ -152,10 +166,11 @@ def export_model(
   """Writes a model for `load_model`: its architecture and variables, no optimizer state.
 
   The layout is that of a phase directory (`arch.json` and a step directory, here
-  step 0) holding only {'params', 'batch_stats'}; exporting again replaces it.
+  step 0) holding only {'params', 'batch_stats'}; exporting again replaces it. In a run of
+  several processes every process calls it (orbax writes the checkpoint together).
   """
   directory = epath.Path(directory)
-  if (directory / ARCH_FILENAME).exists():
+  if jax.process_index() == 0 and (directory / ARCH_FILENAME).exists():
     (directory / ARCH_FILENAME).unlink()  # A re-export may follow a change of architecture.
   save_arch(directory, arch)
   manager = create_manager(directory, max_to_keep=1)
@@ -166,6 +181,71 @@ def export_model(
     manager.wait_until_finished()
   finally:
     manager.close()
+
+
+def serialize_inference(
+    arch: Mapping[str, Any],
+    params: PyTree,
+    batch_stats: PyTree,
+    example: jax.ShapeDtypeStruct | jax.Array,
+    *,
+    platforms: tuple[str, ...] = EXPORT_PLATFORMS,
+) -> bytes:
+  """The model's eval-mode forward pass as a `jax.export` serialization.
+
+  The function maps images of `example`'s shape and dtype, with any number of rows (the
+  batch dimension is symbolic), to logits; the weights are constants inside it, so running
+  it needs neither this library nor flax nor the model's code, only `jax`.
+
+  Args:
+    arch: the model's `arch()`.
+    params: its `nnx.Param` values, as a pure dict.
+    batch_stats: its `nnx.BatchStat` values, as a pure dict.
+    example: one batch of inputs (or its shape and dtype); its first dimension is ignored.
+    platforms: what the function is lowered for; it runs on any of them.
+
+  Returns:
+    Bytes for `jax.export.deserialize`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = models.create_model('digits_cnn', num_classes=10, rngs=nnx.Rngs(0))
+    >>> _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    >>> blob = serialize_inference(model.arch(), nnx.to_pure_dict(params),
+    ...                            nnx.to_pure_dict(stats), jnp.zeros((1, 8, 8, 1)))
+    >>> jax.export.deserialize(blob).call(jnp.zeros((3, 8, 8, 1))).shape
+    (3, 10)
+  """
+  abstract_model = nnx.eval_shape(lambda: models.from_arch(arch, rngs=nnx.Rngs(0)))
+  graphdef, _, _, rest = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
+  model = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda images: nnx.merge(graphdef, state)(images))
+  batch = jax.export.symbolic_shape('batch')
+  shape = jax.ShapeDtypeStruct((*batch, *example.shape[1:]), example.dtype)
+  return jax.export.export(forward, platforms=platforms)(shape).serialize()
+
+
+def export_inference(
+    directory: str | os.PathLike[str],
+    arch: Mapping[str, Any],
+    params: PyTree,
+    batch_stats: PyTree,
+    example: jax.ShapeDtypeStruct | jax.Array,
+) -> epath.Path:
+  """Writes `serialize_inference(...)` to `directory/inference.jax_export`; returns its path.
+
+  The arrays must be this process's own (e.g. gathered from a run over several).
+  """
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / INFERENCE_FILENAME
+  tmp = directory / (INFERENCE_FILENAME + '.tmp')
+  tmp.write_bytes(serialize_inference(arch, params, batch_stats, example))
+  tmp.replace(path)
+  return path
 
 
 def load_model(directory: str | os.PathLike[str], *, step: int | None = None) -> nnx.Module:

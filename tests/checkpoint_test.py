@@ -1,6 +1,8 @@
 """Tests of dpm_jax.checkpoint: exact round trips, architecture JSON, clear errors."""
 
 import json
+import subprocess
+import sys
 
 from flax import nnx
 import jax
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 from configs import test as test_config
+import dpm_jax
 from dpm_jax import checkpoint
 from dpm_jax import models
 from train import loop
@@ -142,3 +145,48 @@ def test_export_model_then_load_model(tmp_path):
   _, params, batch_stats = loop.split_model(loaded)
   _assert_trees_equal(params, expected.params)
   _assert_trees_equal(batch_stats, expected.batch_stats)
+
+
+_RUN_EXPORTED = '''
+import json, sys
+import jax
+import numpy as np
+
+exported = jax.export.deserialize(open(sys.argv[1], 'rb').read())
+inputs = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{k: np.asarray(exported.call(inputs[k])) for k in inputs})
+print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
+'''
+
+
+def test_exported_inference_runs_in_a_fresh_process_with_jax_alone(tmp_path):
+  model = _model()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((17, 8, 8, 1)), jnp.float32)
+  spec = dpm_jax.trace_groups(model, x[:1])
+  keep = [rng.random(g.size) < 0.6 for g in spec.groups]
+  for k in keep:
+    k[0] = True
+  pruned = dpm_jax.remove_channels(model, spec, keep)
+  _, params, stats = loop.split_model(pruned)
+  # Distinctive running statistics: eval mode must use them.
+  stats = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), stats)
+  path = checkpoint.export_inference(tmp_path, pruned.arch(), params, stats, x[:1])
+  assert path == tmp_path / checkpoint.INFERENCE_FILENAME
+
+  small = nnx.merge(nnx.graphdef(pruned), params, stats)
+  small.eval()
+  inputs = {'three': np.asarray(x[:3]), 'seventeen': np.asarray(x)}
+  np.savez(tmp_path / 'inputs.npz', **inputs)
+  proc = subprocess.run(
+      [sys.executable, '-c', _RUN_EXPORTED, str(path), str(tmp_path / 'inputs.npz'),
+       str(tmp_path / 'outputs.npz')],
+      capture_output=True, text=True, timeout=300, check=False,
+      env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  modules = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert not {'flax', 'dpm_jax', 'optax', 'orbax', 'train'} & set(modules), modules
+  outputs = np.load(tmp_path / 'outputs.npz')
+  for key, images in inputs.items():
+    assert outputs[key].shape == (len(images), 10)
+    np.testing.assert_allclose(outputs[key], small(jnp.asarray(images)), atol=1e-5, rtol=1e-5)

@@ -22,6 +22,9 @@ MODULES = [
     "dpm_jax.pruning.removals",
     "dpm_jax.pruning.recipes",
     "dpm_jax.pruning.transform",
+    "dpm_jax.checkpoint",
+    "train.parallel",
+    "train.tensorboard",
 ]
 
 

@@ -370,8 +370,8 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, monkeypatch):
     # Killed during step 5, after the epoch-1 checkpoint (step 3) and a metrics record of step 4.
     make_train_step = loop.make_train_step
 
-    def make_killing_train_step(graphdef, tx):
-      step_fn, calls = make_train_step(graphdef, tx), []
+    def make_killing_train_step(graphdef, tx, **placement):
+      step_fn, calls = make_train_step(graphdef, tx, **placement), []
 
       def killing_step(state, batch):
         calls.append(None)

@@ -7,6 +7,11 @@ the graph definition) and pure `params` / `batch_stats` dicts. `train_step` and
 model inside; `make_train_step` / `make_eval_step` jit them (the train step
 donating its state). `train_phase` runs one phase (a number of steps with one
 optimizer), checkpointing into `workdir/<phase>/` and resuming from there.
+
+Given a `jax.sharding.Mesh` (see `train.parallel`), the same functions train data-parallel:
+each batch is split over the devices, the state stays replicated (or split along
+`config.state_axis`), and the steps run as one program over all devices and processes.
+Without one, everything lives on the first local device.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,6 +34,8 @@ import tqdm
 
 from dpm_jax import checkpoint
 from dpm_jax import data
+from train import parallel
+from train import tensorboard
 from train import timing
 
 PyTree = Any
@@ -115,12 +122,18 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def create_train_state(
-    params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
+    params: PyTree,
+    batch_stats: PyTree,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_axis: str | None = None,
 ) -> TrainState:
   """A step-0 `TrainState` for `params` and a fresh state of optimizer `tx`.
 
-  Its arrays are committed to the first local device, as those of a restored checkpoint
-  are, so that a phase started afresh and one resumed run the same compiled step.
+  Its arrays are committed to the first local device, or with `mesh` placed on it as
+  `parallel.state_sharding(state, mesh, state_axis)` says, as those of a restored
+  checkpoint are, so that a phase started afresh and one resumed run the same compiled step.
   """
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -128,7 +141,9 @@ def create_train_state(
       batch_stats=batch_stats,
       opt_state=tx.init(params),
   )
-  return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  if mesh is None:
+    return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return parallel.put(state, parallel.state_sharding(state, mesh, state_axis))
 
 
 def train_step(
@@ -179,14 +194,48 @@ TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStepFn = Callable[[PyTree, PyTree, Batch], Metrics]
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> TrainStepFn:
-  """`train_step` for one model and optimizer, jitted, donating the input state.
+def sharded_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state_axis: str | None = None,
+) -> tuple[TrainState, Metrics]:
+  """`train_step` on a batch split over `mesh`, the state kept where
+  `parallel.state_sharding` puts it and the metrics replicated (pure; see `make_train_step`).
+
+  The batch statistics, the loss and every pruning decision are computed on the global
+  batch and state, so they are those of `train_step` on one device, up to the order of
+  floating-point sums.
+  """
+  batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
+  state, metrics = train_step(state, batch, graphdef=graphdef, tx=tx)
+  state = jax.lax.with_sharding_constraint(state, parallel.state_sharding(state, mesh, state_axis))
+  return state, jax.lax.with_sharding_constraint(metrics, parallel.replicated(mesh))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    state_axis: str | None = None,
+) -> TrainStepFn:
+  """`train_step` for one model and optimizer, jitted, donating the input state; with
+  `mesh`, `sharded_train_step`.
 
   The graph definition and optimizer are bound rather than passed as static
   arguments: jit would hash the graph definition on every call (milliseconds
   for a ResNet-56).
   """
-  return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx), donate_argnums=0)
+  if mesh is None:
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx)
+  else:
+    step = functools.partial(sharded_train_step, graphdef=graphdef, tx=tx, mesh=mesh,
+                             state_axis=state_axis)
+  return jax.jit(step, donate_argnums=0)
 
 
 class BackgroundCompiledStep:
@@ -240,15 +289,22 @@ class BackgroundCompiledStep:
 
 def compile_step_ahead(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: PyTree,
-    batch_stats: PyTree, batch: Batch
+    batch_stats: PyTree, batch: Batch, *, mesh: jax.sharding.Mesh | None = None,
+    state_axis: str | None = None
 ) -> BackgroundCompiledStep:
-  """`make_train_step(graphdef, tx)`, to compile in the background (`start` it) for a state
-  made by `create_train_state` from arrays shaped like `params` and `batch_stats` (concrete
-  or `jax.ShapeDtypeStruct`s) and batches shaped like `batch`."""
+  """`make_train_step(graphdef, tx, mesh=mesh, state_axis=state_axis)`, to compile in the
+  background (`start` it) for a state made by `create_train_state` from arrays shaped like
+  `params` and `batch_stats` (concrete or `jax.ShapeDtypeStruct`s) and batches shaped (and,
+  with `mesh`, placed) like `batch`."""
   state_like = abstract_state(jax.eval_shape(
-      lambda p, b: TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)), params, batch_stats))
-  batch_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-  return BackgroundCompiledStep(make_train_step(graphdef, tx), state_like, batch_like)
+      lambda p, b: TrainState(jnp.zeros((), jnp.int32), p, b, tx.init(p)), params, batch_stats),
+      mesh=mesh, state_axis=state_axis)
+  batch_like = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=None if mesh is None else parallel.batch_sharding(mesh)),
+      batch)
+  step = make_train_step(graphdef, tx, mesh=mesh, state_axis=state_axis)
+  return BackgroundCompiledStep(step, state_like, batch_like)
 
 
 def _avals(tree: PyTree) -> tuple[Any, ...]:
@@ -257,21 +313,36 @@ def _avals(tree: PyTree) -> tuple[Any, ...]:
                         for x in leaves)
 
 
-def abstract_state(state_shapes: PyTree) -> PyTree:
+def abstract_state(state_shapes: PyTree, *, mesh: jax.sharding.Mesh | None = None,
+                   state_axis: str | None = None) -> PyTree:
   """``state_shapes`` (e.g. from `jax.eval_shape`) placed as `create_train_state` places
-  a state: on the first local device."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  a state: on the first local device, or on `mesh`."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, state_shapes)
+  else:
+    shardings = parallel.state_sharding(state_shapes, mesh, state_axis)
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device,
-                                     weak_type=getattr(x, 'weak_type', False)), state_shapes)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                        weak_type=getattr(x, 'weak_type', False)),
+      state_shapes, shardings)
+
+
+def _sharded_eval_step(params: PyTree, batch_stats: PyTree, batch: Batch, *,
+                       graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> Metrics:
+  batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
+  sums = eval_step(params, batch_stats, batch, graphdef=graphdef)
+  return jax.lax.with_sharding_constraint(sums, parallel.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef: nnx.GraphDef) -> EvalStepFn:
+def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None) -> EvalStepFn:
   """`eval_step` for one model (its eval-mode graph definition), jitted; one per graph, so
   that phases evaluating the same model (pretrain and prune; after surgery and fine-tune)
-  compile it once."""
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+  compile it once. With `mesh`, batches are split over it and the sums replicated."""
+  if mesh is None:
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+  return jax.jit(functools.partial(_sharded_eval_step, graphdef=graphdef, mesh=mesh))
 
 
 def evaluate(
@@ -355,23 +426,35 @@ def create_optimizer(
 # Data.
 
 
-def train_batches(config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[Batch]:
-  """The endless, seeded training stream of `config`, from batch `start_step` on."""
-  return data.train_iterator(
+def train_batches(config: ml_collections.ConfigDict, start_step: int = 0, *,
+                  mesh: jax.sharding.Mesh | None = None) -> Iterator[Batch]:
+  """The endless, seeded training stream of `config`, from batch `start_step` on.
+
+  With `mesh`, each process reads its part of every batch (`parallel.data_shard`) and the
+  stream yields global arrays split over the mesh (`parallel.global_batch`): the same
+  batches as without.
+  """
+  batches = data.train_iterator(
       config.dataset,
       batch_size=config.batch_size,
       seed=config.seed,
       data_dir=config.data_dir,
       augment=config.augment,
       start_step=start_step,
+      **({} if mesh is None else {'shard': parallel.data_shard()}),
   )
+  return batches if mesh is None else (parallel.global_batch(b, mesh) for b in batches)
 
 
-def eval_batches(config: ml_collections.ConfigDict) -> Iterator[Batch]:
-  """One pass over the test split of `config.dataset`."""
-  return data.eval_iterator(
-      config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir
+def eval_batches(config: ml_collections.ConfigDict, *,
+                 mesh: jax.sharding.Mesh | None = None) -> Iterator[Batch]:
+  """One pass over the test split of `config.dataset` (split over `mesh` as `train_batches`
+  splits the training batches)."""
+  batches = data.eval_iterator(
+      config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir,
+      **({} if mesh is None else {'shard': parallel.data_shard()}),
   )
+  return batches if mesh is None else (parallel.global_batch(b, mesh) for b in batches)
 
 
 # ----------------------------------------------------------------------------
@@ -379,17 +462,24 @@ def eval_batches(config: ml_collections.ConfigDict) -> Iterator[Batch]:
 
 
 class MetricsWriter:
-  """Appends metric records to `metrics.jsonl` and logs them.
+  """Appends metric records to `metrics.jsonl` and to TensorBoard event files, and logs them.
 
   Each record has `phase`, `step` (optimizer steps in that phase), `epoch`
   (fractional), `time` (seconds of training in the phase, summed over resumed
   runs), `lr`, `train_loss` and `train_accuracy` (means since the previous
   record); records written at the end of an epoch also have `test_loss` and
   `test_accuracy`. A last line cut short (a run killed while writing it) is dropped.
+
+  The event files (in the directory of `metrics.jsonl`, for `tensorboard --logdir`) hold
+  every number of every record as the scalar `<phase>/<field>` at the record's `step` (0
+  for records without one). They are written again from the records whenever records are
+  dropped or replaced (a resumed run), so they always hold what `metrics.jsonl` holds.
+  In a run of several processes only process 0 writes.
   """
 
   def __init__(self, path: str | os.PathLike[str]):
     self.path = epath.Path(path)
+    self.primary = jax.process_index() == 0
     lines = self.path.read_text().splitlines() if self.path.exists() else []
     lines = [line for line in lines if line.strip()]
     self.records = []
@@ -400,6 +490,8 @@ class MetricsWriter:
         if i < len(lines) - 1:
           raise ValueError(f'{self.path}: line {i + 1} is not JSON: {line[:80]!r}') from None
         self._rewrite()
+    self._events = None
+    self._rewrite_events()
 
   def resume(self, phase: str, step: int) -> float:
     """Drops records of `phase` after `step` (written by a run killed before its
@@ -409,8 +501,10 @@ class MetricsWriter:
 
   def write(self, record: dict[str, Any], *, log_level: int = logging.INFO) -> None:
     self.records.append(record)
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    if self.primary:
+      with self.path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
+      self._events.scalars(*_scalars(record))
     text = (f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in record.items())
     logging.log(log_level, '%s', ', '.join(text))
 
@@ -428,9 +522,32 @@ class MetricsWriter:
 
   def _rewrite(self) -> None:
     """Writes `records` to a temporary file and renames it: a kill leaves old or new whole."""
+    if not self.primary:
+      return
     tmp = self.path.parent / (self.path.name + '.tmp')
     tmp.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
     tmp.replace(self.path)
+    if getattr(self, '_events', None) is not None:
+      self._rewrite_events()
+
+  def _rewrite_events(self) -> None:
+    """A new event file of all `records`, in place of the old ones."""
+    if not self.primary:
+      return
+    old = list(self.path.parent.glob('events.out.tfevents.*'))
+    self._events = tensorboard.EventWriter(self.path.parent)
+    for record in self.records:
+      self._events.scalars(*_scalars(record))
+    for path in old:
+      path.unlink()
+
+
+def _scalars(record: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
+  """The step and the TensorBoard scalars (`<phase>/<field>`) of a metrics record."""
+  values = {f'{record["phase"]}/{k}': float(v) for k, v in record.items()
+            if k not in ('phase', 'step') and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+  return int(record.get('step', 0)), values
 
 
 def _mean_metrics(step_metrics: list[Metrics]) -> dict[str, float]:
@@ -455,6 +572,8 @@ def train_phase(
     step_callback: Callable[[int, TrainState], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int, TrainState], None] | None = None,
+    record_extras: Callable[[TrainState], dict[str, Any]] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
   """Trains `state` with `tx` for `num_steps` steps, checkpointing into `workdir/<phase>`.
 
@@ -492,6 +611,10 @@ def train_phase(
       checkpoint of `step` is written, e.g. to save beside it what the checkpoint
       must cover (saved first, it may cover more than the last checkpoint that a
       killed run completed; `on_resume` drops the rest).
+    record_extras: called as `record_extras(state)` for every metrics record, whose
+      fields it adds (e.g. the pruning state's channel counts).
+    mesh: train data-parallel on this mesh (`state` placed by `create_train_state` with
+      it and `config.state_axis`); None: on the first local device.
 
   Returns:
     The final state (input `state` is donated) and the final test metrics
@@ -501,9 +624,10 @@ def train_phase(
   Raises:
     TrainingDivergedError: the training loss or the state became non-finite.
   """
+  placement = {} if mesh is None else {'mesh': mesh, 'state_axis': config.state_axis}
   if train_step_fn is None:
-    train_step_fn = make_train_step(graphdefs.train, tx)
-  eval_step_fn = make_eval_step(graphdefs.eval)
+    train_step_fn = make_train_step(graphdefs.train, tx, **placement)
+  eval_step_fn = make_eval_step(graphdefs.eval, mesh)
   if learning_rate_fn is not None:
     # Read for every record: one compiled call rather than a dozen operations run one by one
     # (each compiled on first use).
@@ -511,7 +635,8 @@ def train_phase(
 
   def evaluate_fn(state: TrainState) -> dict[str, float]:
     with timing.TIMINGS.section(f'{phase}: evaluation'):
-      test = evaluate(eval_step_fn, state.params, state.batch_stats, eval_batches(config))
+      test = evaluate(eval_step_fn, state.params, state.batch_stats,
+                      eval_batches(config, mesh=mesh))
     return {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
 
   begin = time.perf_counter()
@@ -546,6 +671,8 @@ def train_phase(
           time_offset=time_offset,
           step_callback=step_callback,
           on_checkpoint=on_checkpoint,
+          record_extras=record_extras,
+          mesh=mesh,
       )
     if 'test_accuracy' not in final:
       final = evaluate_fn(state)
@@ -575,6 +702,8 @@ def _train_loop(
     time_offset: float,
     step_callback: Callable[[int, TrainState], None] | None,
     on_checkpoint: Callable[[int, TrainState], None] | None,
+    record_extras: Callable[[TrainState], dict[str, Any]] | None,
+    mesh: jax.sharding.Mesh | None,
 ) -> tuple[TrainState, dict[str, float]]:
   num_epochs = -(-num_steps // steps_per_epoch)
   last_checkpoint = start_step if start_step else None  # A restored run resumes from one.
@@ -594,7 +723,7 @@ def _train_loop(
         )
     )
 
-  batches = train_batches(config, start_step)
+  batches = train_batches(config, start_step, mesh=mesh)
   start_time = time.perf_counter() - time_offset
   log_metrics, epoch_metrics = [], []  # Per-step device metrics, fetched only when logged.
   final, bar = {}, None
@@ -606,7 +735,7 @@ def _train_loop(
           initial=(step - 1) % steps_per_epoch,
           desc=f'{phase} epoch {epoch + 1}/{num_epochs}',
           unit='step',
-          disable=not config.progress_bar,
+          disable=not config.progress_bar or jax.process_index() != 0,
           dynamic_ncols=True,
       )
     if step == start_step + 1:  # Compiles: charged to its own section.
@@ -625,6 +754,8 @@ def _train_loop(
       record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, log_metrics)
       if not math.isfinite(record['train_loss']):
         stop(step, len(log_metrics))
+      if record_extras is not None:
+        record.update(record_extras(state))
       log_metrics = []
       bar.set_postfix(loss=f'{record["train_loss"]:.4f}', acc=f'{record["train_accuracy"]:.4f}')
       writer.write(record, log_level=logging.DEBUG)  # The progress bar shows it.
@@ -634,6 +765,8 @@ def _train_loop(
     record = _record(phase, step, steps_per_epoch, start_time, learning_rate_fn, epoch_metrics)
     if not math.isfinite(record['train_loss']):
       stop(step, len(epoch_metrics))
+    if record_extras is not None:
+      record.update(record_extras(state))
     log_metrics, epoch_metrics = [], []
     final = {'train_loss': record['train_loss'], 'train_accuracy': record['train_accuracy']}
     postfix = {'loss': f'{record["train_loss"]:.4f}', 'acc': f'{record["train_accuracy"]:.4f}'}

@@ -4,6 +4,17 @@
       --config.num_epochs=5
 
 Started again with the same --workdir, a run resumes from its last checkpoint.
+
+It trains on every device it sees (`config.mesh`). A run of several processes (hosts) starts
+this same command in each, with --num_processes, --process_id and --coordinator_address
+(host:port of process 0), or with --distributed where JAX finds them itself (Cloud TPU,
+SLURM, Open MPI, Kubernetes); all share one --workdir. Two processes on one machine:
+
+  python -m train.main --config=configs/digits_dpm.py --workdir=runs/two \
+      --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 &
+  python -m train.main --config=configs/digits_dpm.py --workdir=runs/two \
+      --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
+
 A config that cannot work (an unknown `--config.<field>`, a field out of range),
 missing data, an unreadable checkpoint or a diverged training loss end the
 program with a one-line message on stderr and a non-zero exit status: 2 for a
@@ -35,6 +46,7 @@ from ml_collections import config_flags
 from dpm_jax import checkpoint
 from dpm_jax import data
 from train import loop
+from train import parallel
 from train import timing
 from train import train
 
@@ -44,6 +56,15 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the architecture.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.DEFINE_string('coordinator_address', None,
+                    'A run of several processes: host:port of process 0 (default: '
+                    '$JAX_COORDINATOR_ADDRESS, or detected by JAX).')
+flags.DEFINE_integer('num_processes', None, 'A run of several processes: how many.')
+flags.DEFINE_integer('process_id', None, 'A run of several processes: this one, 0 to '
+                     'num_processes - 1.')
+flags.DEFINE_bool('distributed', False,
+                  'Join a run of several processes with what JAX detects of the cluster '
+                  '(Cloud TPU, SLURM, Open MPI, Kubernetes); implied by the three flags above.')
 
 # Libraries whose INFO messages (every checkpoint write, every dataset open) would bury ours.
 _QUIET_PACKAGES = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/xla_bridge')
@@ -137,11 +158,16 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   logging.get_absl_handler().addFilter(_drop_library_info)
+  if FLAGS.distributed or any(
+      FLAGS[name].value is not None
+      for name in ('coordinator_address', 'num_processes', 'process_id')):
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   timing.TIMINGS.reset(_START)
   timing.TIMINGS.add('imports', _IMPORTED - _START)
   use_compilation_cache(FLAGS.config.get('compilation_cache', ''))
   with timing.TIMINGS.section('start JAX'):
-    logging.info('JAX devices: %r', jax.devices())
+    logging.info('JAX devices: %r (process %d of %d)', jax.devices(), jax.process_index(),
+                 jax.process_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.ConfigError as e:
@@ -149,9 +175,10 @@ def main(argv: list[str]) -> None:
   except _RUN_ERRORS as e:
     _exit(f'{type(e).__name__}: {e}', 1)
   logging.info('Where the time went:\n%s', timing.TIMINGS.table())
-  path = f'{FLAGS.workdir}/timings.json'
-  with open(path, 'w') as f:
-    json.dump(timing.TIMINGS.as_dict(), f, indent=2)
+  if jax.process_index() == 0:
+    path = f'{FLAGS.workdir}/timings.json'
+    with open(path, 'w') as f:
+      json.dump(timing.TIMINGS.as_dict(), f, indent=2)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,12 @@ Called by `train.train.train_and_evaluate` after the dense 'pretrain' phase when
 `config.pruning.enabled`. Every training phase checkpoints into `workdir/<phase>`; finalize
 and surgery are recomputed from the last prune checkpoint (they are deterministic and take
 well under a second), so a killed run resumes where it stopped and ends with the same result.
+
+On a mesh of several devices (or processes) the prune and fine-tune phases train
+data-parallel; every pruning decision is made inside the jitted step on the global arrays,
+so all agree. Finalize and surgery run on gathered copies (`parallel.to_local`), in every
+process alike; only process 0 writes the trajectories, the report and the exported model's
+StableHLO.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dpm_jax import pruning
 from dpm_jax import recipes
 from dpm_jax import report
 from train import loop
+from train import parallel
 from train import timing
 
 TRAJECTORIES = "trajectories.npz"
@@ -84,6 +91,11 @@ def _validate_cost(pc: ml_collections.ConfigDict) -> None:
   if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
     raise loop.ConfigError(f"config.pruning.latency_batch={batch!r} must be None or an "
                            "int >= 1.")
+  if jax.process_count() > 1:
+    raise loop.ConfigError(
+        "config.pruning.cost='latency' in a run of several processes: each would measure "
+        "its own latency table, and their selections could differ. Measure the table in "
+        "a run of one process (it is cached), or use --config.pruning.cost=flops.")
   multiples = pc.round_to if isinstance(pc.round_to, (tuple, list)) else (pc.round_to,)
   if any(m % step for m in multiples):
     raise loop.ConfigError(
@@ -172,15 +184,55 @@ class TrajectoryRecorder:
     self.save(dpm_jax.prune_state(state.opt_state))
 
   def trajectories(self, ps) -> report.Trajectories:
-    released, released_at = pruning.given_back(ps)
-    self.norms, self.status = jax.device_get((self.norms, self.status))  # one transfer
+    released, released_at = pruning.given_back(ps._replace(removal=parallel.to_host(ps.removal)))
+    self.norms, self.status = parallel.to_host((self.norms, self.status))  # one transfer
     return report.Trajectories(np.asarray(self.steps), np.asarray(self.norms),
                                np.asarray(self.status), released, released_at)
 
   def save(self, ps) -> report.Trajectories:
+    """The trajectories so far, written (by process 0) to `path`."""
     traj = self.trajectories(ps)
-    traj.save(self.path)
+    if jax.process_index() == 0:
+      traj.save(self.path)
     return traj
+
+
+class PruneMetrics:
+  """What the prune phase adds to its metrics records: the FLOPs left by the current
+  selection, and how many channels are decaying, pruned and were given back (released or
+  restored); `event` writes them as a record of their own after each pruning event.
+  """
+
+  def __init__(self, spec: dpm_jax.GroupSpec, schedule: Any, steps_per_epoch: int,
+               writer: loop.MetricsWriter):
+    self.spec, self.writer, self.steps_per_epoch = spec, writer, steps_per_epoch
+    self.dense_macs = dpm_jax.spec_cost(spec).macs
+    # Steps after which an event has happened (the event at count s is taken by step s + 1).
+    self.after_events = {s + 1 for s in getattr(schedule, "event_steps", ())}
+
+    def counts(ps):
+      status = pruning.channel_status(ps)
+      released = getattr(ps.removal, "released", jnp.zeros_like(status, jnp.int32))
+      return (status == pruning.ACTIVE, jnp.sum(status == pruning.DECAYING),
+              jnp.sum(status == pruning.PRUNED), jnp.sum(released > 0))
+
+    self._counts = jax.jit(counts)
+
+  def __call__(self, state: loop.TrainState) -> dict[str, Any]:
+    ps = dpm_jax.prune_state(state.opt_state)
+    keep, decaying, pruned, released = parallel.to_host(self._counts(ps))
+    splits = np.cumsum([s.shape[0] for s in ps.status])[:-1]
+    macs = dpm_jax.spec_cost(self.spec, np.split(keep, splits)).macs
+    return {"flops_ratio": macs / self.dense_macs, "decaying_channels": int(decaying),
+            "pruned_channels": int(pruned), "released_channels": int(released)}
+
+  def event(self, step: int, state: loop.TrainState) -> None:
+    """After a step that took a pruning event: a record of what it selected."""
+    if step in self.after_events:
+      values = self(state)
+      values["event_flops_ratio"] = values.pop("flops_ratio")
+      self.writer.write({"phase": "prune", "step": step, "epoch": step / self.steps_per_epoch,
+                         **values})
 
 
 class FinetunePlanner:
@@ -194,20 +246,25 @@ class FinetunePlanner:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, spec: dpm_jax.GroupSpec,
-               graphdefs: loop.GraphDefs, at_step: int, steps_per_epoch: int):
+               graphdefs: loop.GraphDefs, at_step: int, steps_per_epoch: int,
+               mesh: jax.sharding.Mesh | None = None):
     self.config, self.spec, self.graphdefs = config, spec, graphdefs
-    self.at_step, self.steps_per_epoch = at_step, steps_per_epoch
+    self.at_step, self.steps_per_epoch, self.mesh = at_step, steps_per_epoch, mesh
     self.planned: tuple[loop.GraphDefs, Any, loop.TrainStepFn] | None = None
 
   def __call__(self, step: int, state: loop.TrainState) -> None:
     if step != self.at_step:
       return
-    keep = dpm_jax.keep_masks(state.opt_state)
-    model = _model(self.graphdefs.eval, state.params, state.batch_stats)
+    status = parallel.to_host(dpm_jax.prune_state(state.opt_state).status)
+    keep = [s == pruning.ACTIVE for s in status]
+    params, stats = parallel.to_local((state.params, state.batch_stats))
+    model = _model(self.graphdefs.eval, params, stats)
     small_defs, params, stats = loop.split_model(dpm_jax.remove_channels(model, self.spec, keep))
     tx = loop.create_optimizer(finetune_config(self.config), self.steps_per_epoch)
-    step_fn = loop.compile_step_ahead(small_defs.train, tx, params, stats,
-                                      next(loop.train_batches(self.config))).start()
+    step_fn = loop.compile_step_ahead(
+        small_defs.train, tx, params, stats,
+        next(loop.train_batches(self.config, mesh=self.mesh)),
+        **_placement(self.config, self.mesh)).start()
     self.planned = (small_defs, tx, step_fn)
 
   def step_for(self, graphdefs: loop.GraphDefs) -> tuple[Any, loop.TrainStepFn] | None:
@@ -237,6 +294,12 @@ def _sample_batch(config) -> dict[str, Any]:
   return next(iter(loop.eval_batches(config)))
 
 
+def _placement(config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+  """The keyword arguments that place a train state and its step on `mesh` (none without)."""
+  return {} if mesh is None else {"mesh": mesh, "state_axis": config.state_axis}
+
+
 class Plan(NamedTuple):
   """The prune phase, built before it runs: its channel groups, recipe, optimizer (the
   recipe inside the phase's optimizer) and jitted train step."""
@@ -249,12 +312,14 @@ class Plan(NamedTuple):
 
 
 def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: Any,
-         batch_stats: Any, steps_per_epoch: int, *, background: bool = False) -> Plan:
+         batch_stats: Any, steps_per_epoch: int, *, background: bool = False,
+         mesh: jax.sharding.Mesh | None = None) -> Plan:
   """The prune phase of `config` for the model `graphdefs` with arrays like `params` and
   `batch_stats` (only their shapes matter: the groups come from the trace).
 
   With `background`, its train step is a `loop.BackgroundCompiledStep`: `start` it to
-  compile in a background thread while the dense phase trains.
+  compile in a background thread while the dense phase trains. With `mesh`, the step trains
+  data-parallel on it.
   """
   pc = config.pruning
   recipe = recipe_from_config(pc, steps_per_epoch)
@@ -268,18 +333,20 @@ def plan(config: ml_collections.ConfigDict, graphdefs: loop.GraphDefs, params: A
   prune_cfg = phase_config(config, learning_rate=pc.learning_rate, epochs=pc.epochs,
                            lr_schedule=pc.lr_schedule)
   tx = dpm_jax.prune(loop.create_optimizer(prune_cfg, steps_per_epoch), spec, recipe)
+  placement = _placement(config, mesh)
   if background:
     step = loop.compile_step_ahead(graphdefs.train, tx, params, batch_stats,
-                                   next(loop.train_batches(config)))
+                                   next(loop.train_batches(config, mesh=mesh)), **placement)
   else:
-    step = loop.make_train_step(graphdefs.train, tx)
+    step = loop.make_train_step(graphdefs.train, tx, **placement)
   return Plan(spec, recipe, prune_cfg, tx, step)
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.TrainState,
         *, graphdefs: loop.GraphDefs, steps_per_epoch: int,
         writer: loop.MetricsWriter, dense_metrics: Mapping[str, float],
-        prune_plan: Plan | None = None) -> dict[str, Any]:
+        prune_plan: Plan | None = None,
+        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Prune-train, finalize, surgery, fine-tune, evaluate, export and report.
 
   Args:
@@ -292,6 +359,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     dense_metrics: the dense model's test metrics.
     prune_plan: the prune phase as `plan` built it before pretraining (its step compiled
       meanwhile); None builds it now. It is used only if its groups are those of `state`.
+    mesh: train data-parallel on this mesh (`state` placed on it); None: on the first
+      local device.
 
   Returns:
     The final metrics, with the pruned network's FLOPs and params ratios.
@@ -299,23 +368,29 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
   pc = config.pruning
   with timing.TIMINGS.section("trace groups"):
     sample = _sample_batch(config)
-    dense_model = _model(graphdefs.eval, state.params, state.batch_stats)
+    dense_params, dense_stats = parallel.to_local((state.params, state.batch_stats))
+    dense_model = _model(graphdefs.eval, dense_params, dense_stats)
     spec = dpm_jax.trace_groups(dense_model, jnp.asarray(sample["image"][:1]))
     logging.info("Channel groups:\n%s", spec)
     dense_arch = dense_model.arch()
     if prune_plan is None or prune_plan.spec != spec:
-      prune_plan = plan(config, graphdefs, state.params, state.batch_stats, steps_per_epoch)
+      prune_plan = plan(config, graphdefs, dense_params, dense_stats, steps_per_epoch,
+                        mesh=mesh)
   recipe, prune_cfg, tx = prune_plan.recipe, prune_plan.config, prune_plan.tx
+  placement = _placement(config, mesh)
 
   # Prune-train: the recipe runs inside the optimizer.
-  prune_state0 = loop.create_train_state(state.params, state.batch_stats, tx)
+  prune_state0 = loop.create_train_state(state.params, state.batch_stats, tx, **placement)
   recorder = TrajectoryRecorder(channels.ChannelIndex.build(spec), pc.record_every_steps,
                                 workdir / "prune" / TRAJECTORIES)
   prune_steps = round(pc.epochs * steps_per_epoch)
-  planner = FinetunePlanner(config, spec, graphdefs, recipe.last_step + 1, steps_per_epoch)
+  planner = FinetunePlanner(config, spec, graphdefs, recipe.last_step + 1, steps_per_epoch,
+                            mesh=mesh)
+  prune_metrics_fn = PruneMetrics(spec, recipe.schedule, steps_per_epoch, writer)
 
   def after_step(step: int, state: loop.TrainState) -> None:
     recorder(step, state)
+    prune_metrics_fn.event(step, state)
     if pc.finetune_epochs > 0 and step < prune_steps:
       planner(step, state)
 
@@ -326,12 +401,15 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
       config=config, workdir=workdir, arch=dense_arch, writer=writer,
       learning_rate_fn=loop.create_learning_rate_schedule(prune_cfg, steps_per_epoch),
       train_step_fn=prune_plan.train_step, step_callback=after_step,
-      on_resume=recorder.resume, on_checkpoint=recorder.checkpoint)
+      on_resume=recorder.resume, on_checkpoint=recorder.checkpoint,
+      record_extras=prune_metrics_fn, mesh=mesh)
   ps = dpm_jax.prune_state(pruned.opt_state)
   traj = recorder.save(ps)
 
-  # Finalize (every selected channel exactly zero), then surgery.
+  # Finalize (every selected channel exactly zero), then surgery: on this process's copy of
+  # the global arrays, the same in every process.
   with timing.TIMINGS.section("finalize + surgery"):
+    pruned = parallel.to_local(pruned)
     params, keep = dpm_jax.finalize(pruned.params, pruned.opt_state, spec)
     full = _model(graphdefs.eval, params, pruned.batch_stats)
     x = jnp.asarray(sample["image"])
@@ -340,15 +418,19 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     surgery_diff = float(jnp.max(jnp.abs(_forward(full, x) - _forward(small, x))))
   logging.info("Surgery: max |masked - pruned| output difference on a test batch: %.3g",
                surgery_diff)
-  # The plots do not depend on fine-tuning: drawn in a thread while it runs.
-  plotting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
-  plots = plotting.submit(report.write_plots, os.fspath(workdir), spec, keep, traj)
-  plotting.shutdown(wait=False)
+  primary = jax.process_index() == 0
+  if primary:  # The plots do not depend on fine-tuning: drawn in a thread while it runs.
+    plotting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
+    plots = plotting.submit(report.write_plots, os.fspath(workdir), spec, keep, traj)
+    plotting.shutdown(wait=False)
   small_graphdefs, small_params, small_stats = loop.split_model(small)
-  eval_fn = loop.make_eval_step(small_graphdefs.eval)
+  if mesh is not None:
+    small_params, small_stats = parallel.put((small_params, small_stats),
+                                             parallel.replicated(mesh))
+  eval_fn = loop.make_eval_step(small_graphdefs.eval, mesh)
   with timing.TIMINGS.section("surgery: evaluation"):
     after_surgery = loop.evaluate(eval_fn, small_params, small_stats,
-                                  loop.eval_batches(config))
+                                  loop.eval_batches(config, mesh=mesh))
 
   # Fine-tune the smaller network.
   finetune_metrics = {"test_accuracy": after_surgery["accuracy"],
@@ -358,19 +440,24 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     ft_cfg = finetune_config(config)
     ft_tx, ft_step = planner.step_for(small_graphdefs) or (
         loop.create_optimizer(ft_cfg, steps_per_epoch), None)
-    ft_state = loop.create_train_state(small_params, small_stats, ft_tx)
+    ft_state = loop.create_train_state(small_params, small_stats, ft_tx, **placement)
     ft_state, finetune_metrics = loop.train_phase(
         "finetune", ft_state, graphdefs=small_graphdefs, tx=ft_tx, train_step_fn=ft_step,
         num_steps=round(pc.finetune_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
         config=config, workdir=workdir, arch=small.arch(), writer=writer,
-        learning_rate_fn=loop.create_learning_rate_schedule(ft_cfg, steps_per_epoch))
+        learning_rate_fn=loop.create_learning_rate_schedule(ft_cfg, steps_per_epoch),
+        mesh=mesh)
     final_params, final_stats = ft_state.params, ft_state.batch_stats
   elapsed = time.perf_counter() - start
 
-  # Export: the pruned model's weights and architecture, loadable without the pruning code.
+  # Export: the pruned model's weights and architecture, loadable without the pruning code,
+  # and its inference function (StableHLO), which runs with jax alone.
   export_dir = workdir / "export"
   with timing.TIMINGS.section("export"):
     checkpoint.export_model(export_dir, small.arch(), final_params, final_stats)
+    final_local = parallel.to_local((final_params, final_stats))
+    if primary:
+      checkpoint.export_inference(export_dir, small.arch(), *final_local, sample["image"])
 
   dense_cost, pruned_cost = dpm_jax.spec_cost(spec), dpm_jax.spec_cost(spec, keep)
   result = {
@@ -391,6 +478,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path, state: loop.Trai
     kept = jnp.asarray(np.concatenate(keep)) if keep else jnp.zeros(0, bool)
     result["predicted_latency_ratio"] = float(cost.cost(kept)) / cost.dense_cost
   writer.replace({"phase": "result", **result})  # once, also when a finished run is run again
+  if not primary:
+    return result
   (workdir / "result.json").write_text(json.dumps(result, indent=2))
   summary = {
       "model": f"{config.model} on {config.dataset}",

@@ -4,9 +4,13 @@
 `train.loop.train_phase`), then, when `config.pruning.enabled`, those of
 `train.pruning.run` (prune-train, finalize, surgery, fine-tune, export, report).
 
-Files written into `workdir`:
+Every phase trains data-parallel on a mesh over all devices of all processes
+(`config.mesh`, see `train.parallel`); on one device that is the single-device program.
+
+Files written into `workdir` (by process 0; checkpoints by all, as orbax does):
   config.json      the config of the latest run
   metrics.jsonl    one JSON object per logged step and per epoch (see `loop.MetricsWriter`)
+  events.out.tfevents.*  the same numbers for TensorBoard (`tensorboard --logdir workdir`)
   <phase>/         orbax checkpoints of the phase's `TrainState` and `arch.json`
 """
 
@@ -27,6 +31,7 @@ from dpm_jax import data
 from dpm_jax import models
 from dpm_jax import recipes
 from train import loop
+from train import parallel
 from train import pruning
 from train import timing
 
@@ -114,6 +119,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_number(field, c[field], 1, integer=True)
   if c.checkpoint_max_to_keep is not None:
     _check_number('checkpoint_max_to_keep', c.checkpoint_max_to_keep, 1, integer=True)
+  if not isinstance(c.state_axis, str):
+    raise _invalid('state_axis', c.state_axis, "must be a mesh axis name, or '' to replicate")
   if not isinstance(c.get('compilation_cache', ''), str):
     raise _invalid('compilation_cache', c.compilation_cache,
                    "must be a directory path, or '' for no cache")
@@ -135,6 +142,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_choice('pruning.finetune_lr_schedule', p.finetune_lr_schedule, loop.LR_SCHEDULES)
 
 
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over every device; `loop.ConfigError` when it cannot be
+  built or cannot split the batches of `config` evenly."""
+  try:
+    mesh = parallel.create_mesh(config.mesh)
+  except (TypeError, ValueError) as e:
+    raise _invalid('mesh', config.mesh, f'cannot be used: {e}') from e
+  if config.state_axis and config.state_axis not in mesh.axis_names:
+    raise _invalid('state_axis', config.state_axis,
+                   f'is not an axis of config.mesh (axes: {", ".join(mesh.axis_names)})')
+  for field in ('batch_size', 'eval_batch_size'):
+    problem = parallel.check_divides(config[field], mesh)
+    if problem:
+      raise _invalid(field, config[field], problem)
+  return mesh
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
 ) -> dict[str, float]:
@@ -154,12 +178,16 @@ def train_and_evaluate(
     'train_accuracy' of the last epoch when it was trained in this call; with
     pruning, those of `train.pruning.run`).
 
+  In a run of several processes (`parallel.initialize`), every process calls it with the
+  same config and workdir; each reads its part of every batch.
+
   Raises:
     loop.ConfigError: a config field the run cannot use (before anything is written).
     loop.TrainingDivergedError: the training loss or state became non-finite; the
       phase's last good checkpoint is kept.
   """
   validate_config(config)
+  mesh = create_mesh(config)
   prune = 'pruning' in config and config.pruning.enabled
   with timing.TIMINGS.section('data'):
     info = data.dataset_info(config.dataset, data_dir=config.data_dir)
@@ -173,7 +201,8 @@ def train_and_evaluate(
     pruning.validate_pruning_config(config, steps_per_epoch)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
   with timing.TIMINGS.section('model'):
     model = models.create_model(
@@ -191,25 +220,30 @@ def train_and_evaluate(
     # after the first pretrain step, whose own compile it would slow down.
     with timing.TIMINGS.section('trace groups'):
       prune_plan = pruning.plan(config, graphdefs, params, batch_stats, steps_per_epoch,
-                                background=True)
+                                background=True, mesh=mesh)
     after_step = lambda step, state: prune_plan.train_step.start()
   logging.info(
-      '%s on %s: %d parameters, %d steps per epoch.',
+      '%s on %s: %d parameters, %d steps per epoch; %d devices (mesh %s), %d processes.',
       config.model,
       config.dataset,
       sum(p.size for p in jax.tree.leaves(params)),
       steps_per_epoch,
+      mesh.size,
+      dict(mesh.shape),
+      jax.process_count(),
   )
   writer = loop.MetricsWriter(workdir / loop.METRICS_FILENAME)
 
   if config.num_epochs == 0:  # Pruning from scratch: the initialisation is the "dense" model.
     state = loop.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optax.EmptyState())
-    test = loop.evaluate(loop.make_eval_step(graphdefs.eval), params, batch_stats,
-                         loop.eval_batches(config))
+    state = parallel.put(state, parallel.state_sharding(state, mesh, config.state_axis))
+    test = loop.evaluate(loop.make_eval_step(graphdefs.eval, mesh), state.params,
+                         state.batch_stats, loop.eval_batches(config, mesh=mesh))
     final = {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
   else:
     tx = loop.create_optimizer(config, steps_per_epoch)
-    state = loop.create_train_state(params, batch_stats, tx)
+    state = loop.create_train_state(params, batch_stats, tx, mesh=mesh,
+                                    state_axis=config.state_axis)
     state, final = loop.train_phase(
         'pretrain',
         state,
@@ -223,6 +257,7 @@ def train_and_evaluate(
         writer=writer,
         learning_rate_fn=loop.create_learning_rate_schedule(config, steps_per_epoch),
         step_callback=after_step,
+        mesh=mesh,
     )
   if prune:
     final = pruning.run(
@@ -234,6 +269,7 @@ def train_and_evaluate(
         writer=writer,
         dense_metrics=final,
         prune_plan=prune_plan,
+        mesh=mesh,
     )
   logging.info('Final: %s', ', '.join(
       f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in sorted(final.items())))

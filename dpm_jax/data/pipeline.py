@@ -362,6 +362,52 @@ def _pad_batch(batch: Batch, *, batch_size: int) -> Batch:
   }
 
 
+def _local_batch_size(batch_size: int, shard: grain.sharding.ShardOptions) -> int:
+  if batch_size % shard.shard_count:
+    raise ValueError(
+        f'A batch of {batch_size} rows cannot be split evenly into {shard.shard_count} '
+        f'shards (one per process); use a multiple of {shard.shard_count}.'
+    )
+  return batch_size // shard.shard_count
+
+
+def _shard_batches(
+    examples: grain.MapDataset,
+    batch_size: int,
+    shard: grain.sharding.ShardOptions,
+) -> grain.MapDataset:
+  """``examples`` in batches of ``batch_size`` (the last partial one dropped), this
+  shard's rows of each: batches of ``batch_size / shard_count`` consecutive rows, of which
+  shard ``i`` takes every ``shard_count``-th from the ``i``-th on."""
+  rows = _local_batch_size(batch_size, shard)
+  ds = examples.batch(rows, drop_remainder=True)
+  if shard.shard_count == 1:
+    return ds
+  # Whole batches only: every shard yields as many.
+  ds = ds[: len(examples) // batch_size * shard.shard_count]
+  return ds[shard.shard_index :: shard.shard_count]
+
+
+def _read_examples(
+    source: Sequence[Example], indices: np.ndarray, *, name: str
+) -> Batch:
+  examples = [_eval_example(source[int(i)], name=name) for i in indices]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _read_padded(
+    read: Any, indices: np.ndarray, *, size: int, batch_size: int
+) -> Batch:
+  """``read(indices)`` of the indices below ``size``, then zero rows (``mask`` 0) up to
+  ``batch_size``."""
+  real = indices[indices < size]
+  # A batch wholly past the end (a shard's part of the last batch) takes the shapes of row 0.
+  batch = read(real if len(real) else indices[:1] * 0)
+  if not len(real):
+    batch = {k: v[:0] for k, v in batch.items()}
+  return _pad_batch(batch, batch_size=batch_size)
+
+
 def _iterate(
     batches: grain.MapDataset, name: str, worker_count: int
 ) -> grain.DatasetIterator:
@@ -391,6 +437,7 @@ def train_iterator(
     num_epochs: int | None = None,
     start_step: int = 0,
     worker_count: int = 0,
+    shard: grain.sharding.ShardOptions = grain.sharding.NoSharding(),
 ) -> Iterator[Batch]:
   """Returns shuffled, augmented batches of ``name``'s train split.
 
@@ -413,11 +460,17 @@ def train_iterator(
     start_step: Index of the first batch to yield, to resume a run.
     worker_count: Worker processes decoding and augmenting; 0 works in this
       process (with threads).
+    shard: This process's part of every batch (e.g.
+      ``grain.sharding.ShardByJaxProcess()``): of each batch of ``batch_size``
+      rows, shard ``i`` of ``n`` reads and yields rows ``i * batch_size / n``
+      to ``(i + 1) * batch_size / n``, so the shards of all processes,
+      concatenated in order, are the unsharded batch.
 
   Returns:
     An iterator (a `grain.DatasetIterator`) of dicts with ``image`` float32
     ``[B, H, W, C]`` (``[B, L, C]`` for sequences), ``label`` int32 ``[B]``
-    and ``mask`` float32 ``[B]`` (all ones).
+    and ``mask`` float32 ``[B]`` (all ones); ``B`` is ``batch_size /
+    shard.shard_count``.
 
   Raises:
     ValueError: ``name`` is not one of `DATASETS`.
@@ -437,7 +490,7 @@ def train_iterator(
     # indices; each batch is one gather from the decoded split.
     arrays = _split_arrays(name, 'train', data_dir)
     ds = grain.MapDataset.range(len(arrays['label'])).seed(seed).shuffle()
-    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+    ds = _shard_batches(ds.repeat(num_epochs), batch_size, shard)
     ds = ds.map(functools.partial(_gather, arrays))
     return _iterate(ds[start_step:], name, worker_count)
   source = _data_source(name, 'train', data_dir)
@@ -446,7 +499,7 @@ def train_iterator(
     ds = ds.random_map(functools.partial(_train_example, name=name))
   else:
     ds = ds.map(functools.partial(_eval_example, name=name))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = _shard_batches(ds, batch_size, shard)
   # Slicing by index skips ahead without reading what it skips.
   return _iterate(ds[start_step:], name, worker_count)
 
@@ -458,6 +511,7 @@ def eval_iterator(
     data_dir: str | None = None,
     split: str = 'test',
     worker_count: int = 0,
+    shard: grain.sharding.ShardOptions = grain.sharding.NoSharding(),
 ) -> Iterator[Batch]:
   """Returns one in-order pass over ``split`` in batches of ``batch_size``.
 
@@ -471,6 +525,9 @@ def eval_iterator(
     split: ``'test'`` (TFDS's ``'validation'`` for imagenet2012), ``'train'``
       or any TFDS split string such as ``'train[:10%]'``.
     worker_count: Worker processes decoding; 0 works in this process.
+    shard: This process's part of every batch, as in `train_iterator`; every
+      shard yields the same number of batches (padding rows where the split
+      ends).
 
   Returns:
     An iterator of dicts with ``image`` float32 ``[B, H, W, C]`` (``[B, L,
@@ -487,16 +544,19 @@ def eval_iterator(
     >>> [int(batch['mask'].sum()) for batch in batches]
     [100, 100, 100, 60]
   """
+  rows = _local_batch_size(batch_size, shard)
   if _spec(name).in_memory:
     arrays = _split_arrays(name, split, data_dir)
-    ds = grain.MapDataset.range(len(arrays['label'])).batch(batch_size)
-    ds = ds.map(functools.partial(_gather, arrays))
+    size = len(arrays['label'])
+    read = functools.partial(_gather, arrays)
   else:
     source = _data_source(name, split, data_dir)
-    ds = grain.MapDataset.source(source).map(
-        functools.partial(_eval_example, name=name)
-    ).batch(batch_size)
-  ds = ds.map(
-      functools.partial(_pad_batch, batch_size=batch_size)
-  )
+    size = len(source)
+    read = functools.partial(_read_examples, source, name=name)
+  # Indices of whole batches of `batch_size` (the last one running past the split, whose
+  # missing rows are padding), this shard's rows of each.
+  num_batches = -(-size // batch_size)
+  ds = grain.MapDataset.range(num_batches * batch_size).batch(rows)
+  ds = ds[shard.shard_index :: shard.shard_count]
+  ds = ds.map(functools.partial(_read_padded, read, size=size, batch_size=rows))
   return _iterate(ds, name, worker_count)
