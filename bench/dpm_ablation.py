@@ -9,9 +9,9 @@ Run from the repository root:
 Two studies of DepGraph + DPM (configs/mnist1d_dpm.py) at one budget (default 0.1 of the
 dense FLOPs, where the methods matrix shows + SR ahead of the base method), over seeds:
 
-- `sensitivity`: one knob of self-rectifying at a time away from the config's value
-  (`decay_steps`, N; `rate_threshold`, T_rate; `len_threshold`, T_len; `ema_decay`; `logic`),
-  the others as in the config.
+- `sensitivity`: one knob of self-rectifying at a time away from `BASELINE` (the settings
+  before the study: `decay_steps`, N, one epoch; `rate_threshold`, T_rate; `len_threshold`,
+  T_len; `ema_decay`; `logic`), then the defaults chosen from it together (`CHOSEN`).
 - `allocation`: + SR moves channels between groups as it releases and replaces them, so its
   final widths differ from those DepGraph's global ranking picks. To separate the effect of
   those widths from the effect of the decay, DepGraph's hard removal and smooth pruning (+ SP)
@@ -48,25 +48,36 @@ KNOBS: dict[str, tuple[Any, ...]] = {
     "ema_decay": (0.5, 0.9, 0.99),
     "logic": ("and", "or"),
 }
+# The values the study varies one knob at a time from (set on every cell, so that each
+# cell's command keeps its meaning when a default changes): the settings before the study.
+BASELINE: dict[str, Any] = {"decay_steps": 40, "rate_threshold": 0.0, "len_threshold": 1.0,
+                            "ema_decay": 0.9, "logic": "and"}
+# The best value of each knob that did not multiply the releases (SelfRectifying's new
+# ema_decay, and N of two epochs), run together as one more row.
+CHOSEN: dict[str, Any] = {**BASELINE, "ema_decay": 0.5, "decay_steps": 80}
 STUDIES = ("sensitivity", "allocation")
 
 
 def config_values() -> dict[str, Any]:
-  """The knobs' values in the study's config."""
-  from configs import mnist1d_dpm  # pylint: disable=g-import-not-at-top
-  pc = mnist1d_dpm.get_config().pruning
-  return {k: pc[k] for k in KNOBS}
+  """The knobs' values the sensitivity study varies from (`BASELINE`)."""
+  return dict(BASELINE)
+
+
+def _flags(values: dict[str, Any]) -> tuple[str, ...]:
+  return tuple(f"--config.pruning.{k}={v}" for k, v in values.items())
 
 
 def sensitivity_cells(budget: float, seeds, defaults: dict[str, Any]) -> list[methods.Cell]:
-  """The config's cell, then one per knob value that differs from it."""
-  out = [methods.Cell(DATASET, METHOD, budget, s, (), "default") for s in seeds]
+  """The baseline's cells, then one per knob value that differs from it, then the chosen
+  defaults together."""
+  out = [methods.Cell(DATASET, METHOD, budget, s, _flags(defaults), "default") for s in seeds]
   for knob, values in KNOBS.items():
     for value in values:
       if value == defaults[knob]:
         continue
-      out += [methods.Cell(DATASET, METHOD, budget, s, (f"--config.pruning.{knob}={value}",),
+      out += [methods.Cell(DATASET, METHOD, budget, s, _flags({**defaults, knob: value}),
                            f"{knob}={value}") for s in seeds]
+  out += [methods.Cell(DATASET, METHOD, budget, s, _flags(CHOSEN), "chosen") for s in seeds]
   return out
 
 
@@ -126,11 +137,17 @@ def table(results: dict[str, dict[str, Any]]) -> str:
       for value in values:
         runs = default if value == defaults[knob] else by.get((budget, METHOD, f"{knob}={value}"))
         if runs:
-          mark = " (config)" if value == defaults[knob] else ""
+          mark = " (baseline)" if value == defaults[knob] else ""
           rows.append(_row(f"{knob}={value}{mark}", runs))
       if len(rows) > 1:
         lines += [f"### {knob}, DepGraph + DPM on {DATASET}, {budget:g} of the dense FLOPs", "",
                   _HEAD[0].format(knob), _HEAD[1], *rows, ""]
+    chosen = by.get((budget, METHOD, "chosen"))
+    if chosen and default:
+      label = ", ".join(f"{k}={v}" for k, v in CHOSEN.items() if v != BASELINE[k])
+      lines += [f"### The chosen defaults together, {DATASET}, {budget:g} of the dense FLOPs",
+                "", _HEAD[0].format("setting"), _HEAD[1], _row("baseline", default),
+                _row(label, chosen), ""]
     rows = []
     for method, label in (("depgraph", "DepGraph (hard)"), ("depgraph+sp", "DepGraph + SP")):
       for variant, how in (("", "its own global allocation"), ("sr_widths", "+ SR's widths")):

@@ -116,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
   pruning.rate_threshold = 0.0  # T_rate: release when the norm-growth rate EMA exceeds this...
   pruning.len_threshold = 1.0  # ... and (logic) the relative gradient-norm EMA this (T_len).
   pruning.logic = 'and'  # 'and' or 'or' of the two self-rectifying tests.
-  pruning.ema_decay = 0.9  # Decay of the gradient-history EMAs (SR, and PSAP's pulses).
+  # Decay of the gradient-history EMAs; None: the removal's default ('dpm': 0.5, chosen by
+  # bench/dpm_ablation.py; 'protective', PSAP's pulses: 0.9).
+  pruning.ema_decay = ml_collections.config_dict.placeholder(float)
   pruning.min_decay_steps = 10  # Decay steps before a channel may be released.
   pruning.cooldown = 400  # Steps after a release before the channel may be selected again.
   # Releases stop this many epochs after the last event, so that every replacement finishes
