@@ -120,3 +120,25 @@ def test_the_paper_comparison_puts_our_gains_beside_the_published_ones():
   # Means 95.5 / 96.0 / 97.1; the largest std over seeds is 0.7 (base and + SP).
   assert row.endswith('95.5 / 96.0 / 97.1 (+- 0.7, 2 seeds) | +0.5, +1.6 |')
   assert methods.paper_comparison({}) == ''
+
+
+def test_the_dpm_ablation_varies_one_knob_at_a_time_from_a_pinned_baseline():
+  from bench import dpm_ablation  # pylint: disable=g-import-not-at-top
+  cells = dpm_ablation.sensitivity_cells(0.1, [0, 1], dpm_ablation.BASELINE)
+  flags = lambda c: dict(o.removeprefix('--config.pruning.').split('=') for o in c.overrides)
+  baseline = {k: str(v) for k, v in dpm_ablation.BASELINE.items()}
+  for cell in cells:
+    assert cell.config == 'configs/mnist1d_dpm.py' and set(flags(cell)) == set(baseline)
+    differ = {k for k, v in flags(cell).items() if v != baseline[k]}
+    if cell.variant == 'default':
+      assert not differ
+    elif cell.variant != 'chosen':
+      (knob,) = differ
+      assert cell.variant == f'{knob}={flags(cell)[knob]}'
+  assert len({c.key for c in cells}) == len(cells)
+  values = sum(len(v) - 1 for v in dpm_ablation.KNOBS.values())
+  assert len(cells) == 2 * (1 + values + 1)
+  widths = dpm_ablation.widths_cell('depgraph', 0.1, 0, [8, 25, 15])
+  assert widths.overrides == ('--config.pruning.allocation=widths',
+                              '--config.pruning.widths=(8, 25, 15,)')
+  assert widths.key == 'mnist1d/depgraph@sr_widths/0.1/0'
