@@ -18,7 +18,8 @@ dense FLOPs, where the methods matrix shows + SR ahead of the base method), over
   those widths from the effect of the decay, DepGraph's hard removal and smooth pruning (+ SP)
   run twice each: with their own global allocation, and with the widths + SR ended at for
   the same seed (`allocation='widths'`: every group brought to + SR's final width, its least
-  important channels removed, over the same events).
+  important channels removed, over the same events); for + SR at the baseline and at the
+  chosen EMA (`SOURCES`).
 
 Every cell is one run of the command line program (the command is in `results.jsonl`), as in
 `bench/methods.py`, whose runner this uses; finished cells are skipped. Writes
@@ -84,11 +85,21 @@ def sensitivity_cells(budget: float, seeds, defaults: dict[str, Any]) -> list[me
   return out
 
 
-def widths_cell(method: str, budget: float, seed: int, widths: list[int]) -> methods.Cell:
+# The + SR runs whose widths the allocation study gives to the other removals (sensitivity
+# variants): the baseline's, and those of the default EMA the study chose.
+SOURCES = ("default", "ema_decay=0.5")
+
+
+def widths_variant(source: str) -> str:
+  return "sr_widths" if source == "default" else f"sr_widths_{source}"
+
+
+def widths_cell(method: str, budget: float, seed: int, widths: list[int],
+                source: str = "default") -> methods.Cell:
   """`method` brought to `widths` (+ SR's, same seed) instead of its own allocation."""
   flags = ("--config.pruning.allocation=widths",
            f"--config.pruning.widths=({', '.join(map(str, widths))},)")
-  return methods.Cell(DATASET, method, budget, seed, flags, "sr_widths")
+  return methods.Cell(DATASET, method, budget, seed, flags, widths_variant(source))
 
 
 def _run(cells: list[methods.Cell], results: dict[str, dict[str, Any]],
@@ -151,17 +162,21 @@ def table(results: dict[str, dict[str, Any]]) -> str:
       lines += [f"### The chosen defaults together, {DATASET}, {budget:g} of the dense FLOPs",
                 "", _HEAD[0].format("setting"), _HEAD[1], _row("baseline", default),
                 _row(label, chosen), ""]
-    rows = []
-    for method, label in (("depgraph", "DepGraph (hard)"), ("depgraph+sp", "DepGraph + SP")):
-      for variant, how in (("", "its own global allocation"), ("sr_widths", "+ SR's widths")):
-        runs = by.get((budget, method, variant))
-        if runs:
-          rows.append(_row(f"{label}, {how}", runs))
-    if rows and default:
-      rows.append(_row("DepGraph + SR (DPM)", default))
-    if rows:
-      lines += [f"### Decay or allocation: {DATASET}, {budget:g} of the dense FLOPs", "",
-                _HEAD[0].format("removal, allocation"), _HEAD[1], *rows, ""]
+    for source in SOURCES:
+      sr = by.get((budget, METHOD, source))
+      rows = []
+      for method, label in (("depgraph", "DepGraph (hard)"), ("depgraph+sp", "DepGraph + SP")):
+        for variant, how in (("", "its own global allocation"),
+                             (widths_variant(source), "+ SR's widths")):
+          runs = by.get((budget, method, variant))
+          if runs:
+            rows.append(_row(f"{label}, {how}", runs))
+      if len(rows) < 3 or not sr:
+        continue
+      setting = "baseline" if source == "default" else source
+      lines += [f"### Decay or allocation (+ SR: {setting}): {DATASET}, {budget:g} of the "
+                "dense FLOPs", "", _HEAD[0].format("removal, allocation"), _HEAD[1], *rows,
+                _row(f"DepGraph + SR (DPM), {setting}", sr), ""]
   return "\n".join(lines)
 
 
@@ -183,20 +198,22 @@ def main(argv: list[str] | None = None) -> None:
   results = methods.load_results(out / "results.jsonl")
   if not args.table_only:
     sr = sensitivity_cells(args.budget, args.seeds, config_values())
-    _run(sr[:len(args.seeds)], results, out)  # + SR as configured: both studies need it
     if "allocation" in args.study:
+      sources = [c for c in sr if c.variant in SOURCES]
+      _run(sources, results, out)  # their widths first
       cells = []
-      for seed, cell in zip(args.seeds, sr):
+      for cell in sources:
         record = results[cell.key]
         if "error" in record:
-          print(f"{cell.key} failed ({record['error']}): no widths for seed {seed}.")
+          print(f"{cell.key} failed ({record['error']}): no widths for seed {cell.seed}.")
           continue
         for method in ("depgraph", "depgraph+sp"):
-          cells += [methods.Cell(DATASET, method, args.budget, seed),
-                    widths_cell(method, args.budget, seed, record["widths"])]
-      _run(cells, results, out)
+          cells += [methods.Cell(DATASET, method, args.budget, cell.seed),
+                    widths_cell(method, args.budget, cell.seed, record["widths"],
+                                cell.variant)]
+      _run(list(dict.fromkeys(cells)), results, out)
     if "sensitivity" in args.study:
-      _run(sr[len(args.seeds):], results, out)
+      _run(sr, results, out)
   (out / "table.md").write_text(table(results))
   if args.readme is not None:
     methods.replace_between(args.readme, README_START, README_END, table(results))
