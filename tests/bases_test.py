@@ -93,6 +93,21 @@ def test_taylor_without_a_gate_is_the_first_order_estimate():
   np.testing.assert_allclose(criteria.Taylor().step_scores(ctx, v, g), by_hand, rtol=1e-5)
 
 
+def test_tick_tock_refuses_a_target_its_ticks_cannot_reach():
+  s = schedules.TickTock(start_step=10, end_step=100, tick_steps=5, ticks_per_tock=2,
+                         tock_steps=3, tick_fraction=0.1)
+  spec, _, _ = _conv_bn()
+  events = [c for c in range(10, 101) if (c - 10) % 13 < 10 and (c - 10) % 13 % 5 == 0]
+  assert s.num_ticks == len(events) == 14
+  s.check(pruning.Context.build(spec, 0.9 ** 14))          # just within reach
+  with pytest.raises(ValueError, match=r"14 ticks .* leave 0.229 .* at least 0.1086"):
+    s.check(pruning.Context.build(spec, 0.2))
+  with pytest.raises(ValueError, match="out of reach"):  # before training, in prune()
+    dpm_jax.prune(optax.sgd(0.1), spec, recipes.gate_decorator(   # 4 ticks leave 0.656
+        0.5, start_step=10, end_step=30, tick_steps=5, ticks_per_tock=2, tock_steps=3,
+        tick_fraction=0.1))
+
+
 def test_tick_tock_timeline_and_the_fraction_a_tick_removes():
   s = schedules.TickTock(start_step=10, end_step=100, tick_steps=5, ticks_per_tock=2,
                          tock_steps=3, tick_fraction=0.1)

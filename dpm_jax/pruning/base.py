@@ -208,6 +208,11 @@ class Schedule:
     """The step of the last event."""
     raise NotImplementedError
 
+  def check(self, ctx: Context) -> None:
+    """Raises ``ValueError`` when the schedule cannot reach ``ctx.target_flops`` (before
+    training)."""
+    del ctx
+
   def init(self, ctx: Context) -> State:
     del ctx
     return optax.EmptyState()

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,25 @@ class TickTock(Schedule):
   @property
   def last_event(self) -> int:
     return self.end_step
+
+  @property
+  def num_ticks(self) -> int:
+    """How many ticks (events, while the target is not met) fit from start to end_step."""
+    cycle = self.ticks_per_tock * self.tick_steps + self.tock_steps
+    full, rest = divmod(self.end_step - self.start_step, cycle)
+    return full * self.ticks_per_tock + min(rest // self.tick_steps + 1, self.ticks_per_tock)
+
+  def check(self, ctx: Context) -> None:
+    # Every tick removes at least tick_fraction of the remaining FLOPs, no more is sure.
+    left = (1 - self.tick_fraction) ** self.num_ticks
+    if left > ctx.target_flops + 1e-9:
+      need = math.ceil((1 - ctx.target_flops ** (1 / self.num_ticks)) * 1e4) / 1e4
+      raise ValueError(
+          f"TickTock: {self.num_ticks} ticks from step {self.start_step} to end_step="
+          f"{self.end_step}, each removing tick_fraction={self.tick_fraction} of the remaining "
+          f"FLOPs, leave {left:.3f} of them: target_flops={ctx.target_flops} is out of reach. "
+          f"Raise tick_fraction to at least {need:.4f}, or give the ticks more steps "
+          "(a later end_step, fewer tock_steps).")
 
   def _position(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     since = count - self.start_step

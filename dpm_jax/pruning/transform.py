@@ -123,6 +123,7 @@ def prune(inner: optax.GradientTransformation, spec: GroupSpec, recipe: Recipe, 
         f"step={step}): other widths are not measured, and often run slower. Set the "
         f"recipe's round_to to a multiple of {step}.")
   recipe.allocation.check(ctx)
+  recipe.schedule.check(ctx)
   rounding = bool((multiples > 1).any())
   minimum = np.asarray(recipe.allocation.minimum(spec))
   if rounding:
