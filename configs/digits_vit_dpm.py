@@ -12,27 +12,15 @@ its plots into the workdir. Expected: see the README's transformer section.
 
 import ml_collections
 
+from configs import digits_dpm
 from configs import digits_vit
 
 
 def get_config() -> ml_collections.ConfigDict:
   """digits_vit / digits, DepGraph + DPM to 50% FLOPs."""
   config = digits_vit.get_config()
-  pruning = config.pruning
-  pruning.enabled = True
-  pruning.method = 'depgraph'
-  pruning.removal = 'dpm'
-  pruning.target_flops = 0.5
-  pruning.epochs = 8.0  # 352 steps: events until epoch 4, decays finish by epoch 5.
-  pruning.start_epoch = 0.0
-  pruning.end_epoch = 4.0
-  pruning.num_events = 5
-  pruning.decay_steps = 44  # One epoch.
-  pruning.min_decay_steps = 5
-  pruning.cooldown = 44
-  pruning.learning_rate = 1e-3
-  pruning.lr_schedule = 'constant'
-  pruning.record_every_steps = 2
-  pruning.finetune_epochs = 10.0
-  pruning.finetune_learning_rate = 1e-3
+  # The demo's schedule (configs/digits_dpm.py), at the ViT's Adam learning rate.
+  config.pruning = digits_dpm.get_config().pruning
+  config.pruning.learning_rate = 1e-3
+  config.pruning.finetune_learning_rate = 1e-3
   return config
