@@ -232,6 +232,27 @@ def test_in_memory_batches_equal_record_by_record_reading(
         'image': np.float32, 'label': np.int32, 'mask': np.float32}
 
 
+def test_in_memory_split_is_decoded_again_when_its_files_change(tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  data_dir = str(tmp_path)
+  (before,) = data.eval_iterator('digits', batch_size=360, data_dir=data_dir)
+  (cached,) = data.eval_iterator('digits', batch_size=360, data_dir=data_dir)
+  _assert_same_batches([before], [cached])
+  # Rewrite the test split with its records in reverse order (same size, new file).
+  (path,) = pathlib.Path(data_dir).glob('digits/*/digits-test.array_record*')
+  reader = array_record_module.ArrayRecordReader(str(path))
+  records, options = reader.read_all(), reader.writer_options_string()
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(str(path), options)
+  for record in reversed(records):
+    writer.write(record)
+  writer.close()
+  (after,) = data.eval_iterator('digits', batch_size=360, data_dir=data_dir)
+  np.testing.assert_array_equal(after['label'], before['label'][::-1])
+  np.testing.assert_array_equal(after['image'], before['image'][::-1])
+
+
 def test_worker_processes_give_the_same_batches(digits_dir):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags in its workers.

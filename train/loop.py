@@ -29,6 +29,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 
@@ -785,7 +786,7 @@ def _train_loop(
     # again, rather than resuming after a step whose record is missing.
     writer.write(record)
     if epochs_done % config.checkpoint_every_epochs == 0 or step == num_steps:
-      if not bool(_all_finite((state.params, state.batch_stats))):
+      if not _all_finite((state.params, state.batch_stats)):
         stop(step, 0)
       with timing.TIMINGS.section(f'{phase}: checkpoints'):
         if on_checkpoint is not None:
@@ -795,8 +796,18 @@ def _train_loop(
   return state, final
 
 
+def _all_finite(tree: PyTree) -> bool:
+  """Whether every array of `tree` is finite: on the host where this process holds all of
+  every array (nothing to compile; a checkpoint copies them there anyway), else on the
+  devices."""
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, 'is_fully_addressable', True) for x in leaves):
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+  return bool(_all_finite_on_devices(tree))
+
+
 @jax.jit
-def _all_finite(tree: PyTree) -> jax.Array:
+def _all_finite_on_devices(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 

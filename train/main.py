@@ -30,6 +30,7 @@ _START = time.perf_counter()  # Before the imports, which the time breakdown cou
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from collections.abc import Sequence
 import difflib
+import gc
 import json
 import logging as std_logging
 import os
@@ -181,6 +182,14 @@ def main(argv: list[str]) -> None:
       json.dump(timing.TIMINGS.as_dict(), f, indent=2)
 
 
+def _main_then_exit(argv: list[str]) -> None:
+  """`main`, then a quick exit: the objects left are moved out of the garbage collector's
+  sight (`gc.freeze`), so that the interpreter's shutdown does not walk them all (about
+  0.5 s after a digits run); they are still freed, and exit handlers still run."""
+  main(argv)
+  gc.freeze()
+
+
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=parse_flags)
+  app.run(_main_then_exit, flags_parser=parse_flags)

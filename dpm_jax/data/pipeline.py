@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 import dataclasses
 import functools
 import math
+import os
+import sys
 from typing import Any, NamedTuple
 
 import grain
@@ -336,21 +338,78 @@ def _train_example(
   return _record(image, example['label'], spec)
 
 
+# Decoded in-memory splits, keyed by what was read: the files' names, sizes and modification
+# times. Data rewritten on disk has a new key, so it is decoded afresh, never served stale.
+_DECODED: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+_DECODED_MAX = 4  # Splits kept (each a few megabytes at most: in-memory datasets only).
+
+
+def _files_key(source: Any) -> tuple[Any, ...] | None:
+  """The identity of the files behind ``source``, or None where they are not known (a
+  source that `tfds.testing.mock_data` made, say), which is then never cached."""
+  info = getattr(source, 'dataset_info', None)
+  directory = getattr(info, 'data_dir', None)
+  if not directory or not os.path.isdir(directory):
+    return None
+  with os.scandir(directory) as entries:
+    stats = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                   for e in entries if e.is_file())
+  return (os.path.realpath(directory), tuple(stats))
+
+
 def _split_arrays(
     name: str, split: str, data_dir: str | None
 ) -> dict[str, np.ndarray]:
-  """A whole split, decoded and normalized as `_eval_example` does, stacked.
+  """A whole split, decoded and normalized as `_eval_example` does, stacked (read-only).
 
-  Read afresh for every iterator (tens of milliseconds for these splits): a cache across
-  iterators could serve data that has changed on disk since.
+  Decoded once per process for as long as its files are unchanged (by name, size and
+  modification time): every evaluation and every phase's training stream gathers from the
+  same arrays.
   """
   source = _data_source(name, split, data_dir)
+  files = _files_key(source)
+  key = None if files is None else (name, split, len(source), files)
+  if key is not None and key in _DECODED:
+    return _DECODED[key]
   examples = [_eval_example(source[i], name=name) for i in range(len(source))]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  for value in arrays.values():
+    value.flags.writeable = False  # Shared by every iterator of the split.
+  if key is not None:
+    while len(_DECODED) >= _DECODED_MAX:
+      del _DECODED[next(iter(_DECODED))]
+    _DECODED[key] = arrays
+  return arrays
 
 
 def _gather(arrays: dict[str, np.ndarray], indices: np.ndarray) -> Batch:
   return {key: value[indices] for key, value in arrays.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_order(seed: int, size: int, epoch: int) -> np.ndarray:
+  """Example indices in the order grain's seeded shuffle gives epoch ``epoch`` of a split of
+  ``size`` (as ``MapDataset.range(size).seed(seed).shuffle().repeat()`` yields them),
+  computed once per process: every phase's stream starts from the same epochs."""
+  shuffled = grain.MapDataset.range(size).seed(seed).shuffle().repeat()
+  start = epoch * size
+  order = np.fromiter((shuffled[i] for i in range(start, start + size)), np.int64, size)
+  order.flags.writeable = False
+  return order
+
+
+def _train_batch(arrays: dict[str, np.ndarray], index: int, *, seed: int, rows: int,
+                 shard_index: int, shard_count: int) -> Batch:
+  """Batch ``index`` of one shard of the shuffled, repeated stream over ``arrays``: rows
+  ``rows * (index * shard_count + shard_index)`` on, as `_shard_batches` splits a stream."""
+  size = len(arrays['label'])
+  first = (index * shard_count + shard_index) * rows
+  epochs, within = np.divmod(np.arange(first, first + rows), size)
+  indices = np.empty(rows, np.int64)
+  for epoch in np.unique(epochs):
+    here = epochs == epoch
+    indices[here] = _epoch_order(seed, size, int(epoch))[within[here]]
+  return _gather(arrays, indices)
 
 
 def _pad_batch(batch: Batch, *, batch_size: int) -> Batch:
@@ -486,12 +545,14 @@ def train_iterator(
   """
   augmenting = augment and name in _AUGMENTATIONS
   if _spec(name).in_memory and not augmenting:
-    # The same shuffle as below (grain's depends only on the seed and the length), over
-    # indices; each batch is one gather from the decoded split.
+    # The same shuffle as below (grain's depends only on the seed and the length), each
+    # epoch's order computed once; each batch is one gather from the decoded split.
     arrays = _split_arrays(name, 'train', data_dir)
-    ds = grain.MapDataset.range(len(arrays['label'])).seed(seed).shuffle()
-    ds = _shard_batches(ds.repeat(num_epochs), batch_size, shard)
-    ds = ds.map(functools.partial(_gather, arrays))
+    size = len(arrays['label'])
+    stream = sys.maxsize if num_epochs is None else num_epochs * size
+    ds = grain.MapDataset.range(stream // batch_size).map(functools.partial(
+        _train_batch, arrays, seed=seed, rows=_local_batch_size(batch_size, shard),
+        shard_index=shard.shard_index, shard_count=shard.shard_count))
     return _iterate(ds[start_step:], name, worker_count)
   source = _data_source(name, 'train', data_dir)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
@@ -556,6 +617,10 @@ def eval_iterator(
   # Indices of whole batches of `batch_size` (the last one running past the split, whose
   # missing rows are padding), this shard's rows of each.
   num_batches = -(-size // batch_size)
+  if _spec(name).in_memory and not worker_count:  # Gathers from memory: no pipeline needed.
+    return (_read_padded(read, np.arange(b * rows, (b + 1) * rows), size=size, batch_size=rows)
+            for b in range(shard.shard_index, num_batches * shard.shard_count,
+                           shard.shard_count))
   ds = grain.MapDataset.range(num_batches * batch_size).batch(rows)
   ds = ds[shard.shard_index :: shard.shard_count]
   ds = ds.map(functools.partial(_read_padded, read, size=size, batch_size=rows))
