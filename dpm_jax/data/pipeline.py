@@ -345,8 +345,9 @@ _DECODED_MAX = 4  # Splits kept (each a few megabytes at most: in-memory dataset
 
 
 def _files_key(source: Any) -> tuple[Any, ...] | None:
-  """The identity of the files behind ``source``, or None where they are not known (a
-  source that `tfds.testing.mock_data` made, say), which is then never cached."""
+  """The identity of the files behind ``source`` (every file of its dataset's directory: name,
+  size, modification time), or None where they are not known (a source that
+  `tfds.testing.mock_data` made, say): such a split is never cached."""
   info = getattr(source, 'dataset_info', None)
   directory = getattr(info, 'data_dir', None)
   if not directory or not os.path.isdir(directory):
@@ -354,6 +355,8 @@ def _files_key(source: Any) -> tuple[Any, ...] | None:
   with os.scandir(directory) as entries:
     stats = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
                    for e in entries if e.is_file())
+  if not any('.array_record' in name for name, _, _ in stats):
+    return None  # Not read from these files (a mocked source, say).
   return (os.path.realpath(directory), tuple(stats))
 
 
