@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from configs import default as default_config
 from configs import digits as digits_config
 from configs import test as test_config
+import dpm_jax
 from dpm_jax import checkpoint
 from dpm_jax import models
 from train import main as main_lib
@@ -132,6 +133,30 @@ def test_background_compiled_step_equals_the_jitted_step_and_falls_back():
   idle = loop.BackgroundCompiledStep(step_fn, state_like, batch_like)
   idle(copy(), batch)
   assert idle._use is step_fn and idle._compiled is None  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('recipe', [
+    None,  # The plain optimizer of pretraining and fine-tuning.
+    dpm_jax.recipes.depgraph(0.5, removal='dpm', sparse_learning=True),
+    dpm_jax.recipes.sfp(0.5, removal='dpm_sp'),
+    dpm_jax.recipes.psap(0.5),
+    dpm_jax.recipes.gate_decorator(0.5, removal='dpm', end_step=10_000),
+    dpm_jax.recipes.otov2(0.5, removal='dpm'),
+], ids=['plain', 'depgraph_sl+sr', 'sfp+sp', 'psap', 'gate_decorator+sr', 'otov2+sr'])
+def test_train_state_holds_the_optimizer_state_tx_init_gives(recipe):
+  # create_train_state initialises the optimizer jitted: the values must be tx.init's own.
+  model = models.create_model('digits_cnn', num_classes=10, rngs=nnx.Rngs(0))
+  _, params, batch_stats = loop.split_model(model)
+  tx = loop.create_optimizer(digits_config.get_config(), steps_per_epoch=10)
+  if recipe is not None:
+    spec = dpm_jax.trace_groups(model, jnp.zeros((1, 8, 8, 1)))
+    tx = dpm_jax.prune(tx, spec, recipe)
+  state = loop.create_train_state(params, batch_stats, tx)
+  eager = tx.init(params)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(eager)
+  for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(eager)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), strict=True)
 
 
 def test_eval_step_ignores_padding_rows():

@@ -140,7 +140,9 @@ def create_train_state(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
-      opt_state=tx.init(params),
+      # One compile, rather than one per operation and shape (the zeros of every moment,
+      # the pruning state's parts); the same values (tests/train_test.py checks every preset).
+      opt_state=jax.jit(tx.init)(params),
   )
   if mesh is None:
     return jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
