@@ -338,12 +338,6 @@ def _train_example(
   return _record(image, example['label'], spec)
 
 
-# Decoded in-memory splits, keyed by what was read: the files' names, sizes and modification
-# times. Data rewritten on disk has a new key, so it is decoded afresh, never served stale.
-_DECODED: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
-_DECODED_MAX = 4  # Splits kept (each a few megabytes at most: in-memory datasets only).
-
-
 def _files_key(source: Any) -> tuple[Any, ...] | None:
   """The identity of the files behind ``source`` (every file of its dataset's directory: name,
   size, modification time), or None where they are not known (a source that
@@ -366,23 +360,28 @@ def _split_arrays(
   """A whole split, decoded and normalized as `_eval_example` does, stacked (read-only).
 
   Decoded once per process for as long as its files are unchanged (by name, size and
-  modification time): every evaluation and every phase's training stream gathers from the
-  same arrays.
+  modification time: data rewritten on disk is decoded afresh): every evaluation and every
+  phase's training stream gathers from the same arrays.
   """
   source = _data_source(name, split, data_dir)
   files = _files_key(source)
-  key = None if files is None else (name, split, len(source), files)
-  if key is not None and key in _DECODED:
-    return _DECODED[key]
-  examples = [_eval_example(source[i], name=name) for i in range(len(source))]
-  arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  if files is None:
+    return _decode(source, name)
+  return _decoded(name, split, data_dir, files)
+
+
+def _decode(source: Sequence[Example], name: str) -> dict[str, np.ndarray]:
+  arrays = _read_examples(source, np.arange(len(source)), name=name)
   for value in arrays.values():
     value.flags.writeable = False  # Shared by every iterator of the split.
-  if key is not None:
-    while len(_DECODED) >= _DECODED_MAX:
-      del _DECODED[next(iter(_DECODED))]
-    _DECODED[key] = arrays
   return arrays
+
+
+@functools.lru_cache(maxsize=4)  # In-memory datasets only: a few megabytes a split at most.
+def _decoded(name: str, split: str, data_dir: str | None,
+             files: tuple[Any, ...]) -> dict[str, np.ndarray]:
+  del files  # The key: the files read.
+  return _decode(_data_source(name, split, data_dir), name)
 
 
 def _gather(arrays: dict[str, np.ndarray], indices: np.ndarray) -> Batch:
@@ -457,17 +456,16 @@ def _read_examples(
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def _read_padded(
-    read: Any, indices: np.ndarray, *, size: int, batch_size: int
-) -> Batch:
-  """``read(indices)`` of the indices below ``size``, then zero rows (``mask`` 0) up to
-  ``batch_size``."""
+def _read_padded(read: Any, number: int, *, rows: int, size: int) -> Batch:
+  """Rows ``number * rows`` to ``(number + 1) * rows`` of a split of ``size``: ``read`` of
+  those below ``size``, then zero rows (``mask`` 0)."""
+  indices = np.arange(number * rows, (number + 1) * rows)
   real = indices[indices < size]
   # A batch wholly past the end (a shard's part of the last batch) takes the shapes of row 0.
   batch = read(real if len(real) else indices[:1] * 0)
   if not len(real):
     batch = {k: v[:0] for k, v in batch.items()}
-  return _pad_batch(batch, batch_size=batch_size)
+  return _pad_batch(batch, batch_size=rows)
 
 
 def _iterate(
@@ -617,14 +615,12 @@ def eval_iterator(
     source = _data_source(name, split, data_dir)
     size = len(source)
     read = functools.partial(_read_examples, source, name=name)
-  # Indices of whole batches of `batch_size` (the last one running past the split, whose
-  # missing rows are padding), this shard's rows of each.
-  num_batches = -(-size // batch_size)
+  # Whole batches of `batch_size` (the last one running past the split, whose missing rows
+  # are padding), each `shard_count` parts of `rows` rows: this shard's part of each.
+  parts = range(shard.shard_index, -(-size // batch_size) * shard.shard_count,
+                shard.shard_count)
+  read_part = functools.partial(_read_padded, read, rows=rows, size=size)
   if _spec(name).in_memory and not worker_count:  # Gathers from memory: no pipeline needed.
-    return (_read_padded(read, np.arange(b * rows, (b + 1) * rows), size=size, batch_size=rows)
-            for b in range(shard.shard_index, num_batches * shard.shard_count,
-                           shard.shard_count))
-  ds = grain.MapDataset.range(num_batches * batch_size).batch(rows)
-  ds = ds[shard.shard_index :: shard.shard_count]
-  ds = ds.map(functools.partial(_read_padded, read, size=size, batch_size=rows))
+    return map(read_part, parts)
+  ds = grain.MapDataset.range(parts.start, parts.stop, parts.step).map(read_part)
   return _iterate(ds, name, worker_count)
